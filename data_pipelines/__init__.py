@@ -1,0 +1,1 @@
+"""Data pipelines: WebDataset shard writers and readers, tokenizer, masking, built-in dataset."""

@@ -1,0 +1,1 @@
+"""Training and evaluation systems (Lightning) and the ``mmmoe`` command line."""
