@@ -27,23 +27,7 @@ def add_parity_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "benchmark-moe",
-        help="Time and memory of MH-MoE / SMoE layers against a dense FFN (scripts/benchmark_moe.py).",
-        add_help=False,
-    )
-    p.add_argument("args", nargs=argparse.REMAINDER)
-
-    def run(ns: argparse.Namespace) -> int:
-        from mmmoe.moe.benchmark import main as bench_main
-
-        return bench_main(ns.args)
-
-    p.set_defaults(handler=run)
-
-
-SUBCOMMANDS = [add_parity_parser, add_benchmark_parser]
+SUBCOMMANDS = [add_parity_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
