@@ -1,0 +1,1 @@
+"""Reusable layers: dense FFNs, BitNet b1.58 linear."""

@@ -1,0 +1,55 @@
+"""Token dispatch: sort (sub-token, expert) assignments by expert, optionally enforce a capacity.
+
+Shape legend: S = routed sub-tokens, K = top-k, A = assignments (S*K, fewer after drops), E = experts.
+
+Assignments are enumerated choice-major (all first choices in sub-token order, then all second
+choices, ...), and the sort by expert is stable, so within one expert the order is the GShard
+priority: earlier choice rank first, then earlier sub-token. With a capacity C, the first C
+assignments of each expert are kept and the rest dropped. Nothing of size S x E x C is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DispatchPlan:
+    order_A: Tensor
+    """Indices into the choice-major flattening (k * S + s) of the kept assignments, by expert."""
+    token_A: Tensor
+    """Sub-token index of each sorted assignment."""
+    counts_E: Tensor
+    """Kept assignments per expert (int64)."""
+    routed_E: Tensor
+    """Assignments per expert before any drop (int64)."""
+    num_dropped: int
+
+
+def expert_capacity(num_subtokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = ceil(cf * k * ceil(S / E)); at cf = 1 this is the public MH-MoE code's k * ceil(S / E)."""
+    return int(math.ceil(capacity_factor * top_k * math.ceil(num_subtokens / num_experts)))
+
+
+def permute(idx_SK: Tensor, num_experts: int, capacity: Optional[int] = None) -> DispatchPlan:
+    S, K = idx_SK.shape
+    flat_A = idx_SK.t().reshape(-1)  # choice-major
+    order_A = torch.argsort(flat_A, stable=True)
+    routed_E = torch.bincount(flat_A, minlength=num_experts)
+    counts_E = routed_E
+    num_dropped = 0
+    if capacity is not None:
+        e_sorted = flat_A[order_A]
+        start_E = routed_E.cumsum(0) - routed_E
+        position_A = torch.arange(order_A.numel(), device=idx_SK.device) - start_E[e_sorted]
+        keep = position_A < capacity
+        order_A = order_A[keep]
+        counts_E = routed_E.clamp(max=capacity)
+        num_dropped = int(flat_A.numel() - order_A.numel())
+    token_A = order_A % S if S > 0 else order_A
+    return DispatchPlan(order_A, token_A, counts_E, routed_E, num_dropped)
