@@ -10,9 +10,10 @@ The fast path is ``torch._grouped_mm`` (CPU float32/bfloat16, CUDA bf16). It nee
 row strides and, under ``torch.compile``, a dtype its tracing rule accepts (bf16/fp16), so a plain
 per-expert loop over ``torch.mm`` stays as the correct fallback (float64 tests, odd widths, compile).
 
-Training through the experts uses one fused autograd function: forward saves only the sorted input,
-the first matmul's output and the expert outputs; the gated activation is recomputed in backward
-(elementwise, cheap), so no A x F activation is stored twice.
+Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
+gate -> scatter-add): it saves the sub-tokens, the first matmul's output and the expert outputs,
+and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
+stored twice and the gathered A x D copy is not stored at all.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _fast_path_ok(a: Tensor, b: Tensor) -> bool:
     return all((n * es) % 16 == 0 for n in (a.shape[-1], b.shape[-1], b.shape[-2]))
 
 
-def _try_fast(fn, a: Tensor, *args):
+def _try_fast(fn, a: Tensor):
     try:
         return fn()
     except RuntimeError:
@@ -90,54 +91,73 @@ def grouped_mm_wgrad(x_AD: Tensor, g_AF: Tensor, offs_E: Tensor, counts: List[in
     return out
 
 
-def _act_fwd(h_AH: Tensor, activation: str) -> Tensor:
+def _act_fwd(h_AH: Tensor, activation: str, inplace: bool = False) -> Tensor:
+    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU. ``inplace`` only where autograd is off."""
     if activation == "swiglu":
         a, b = h_AH.chunk(2, dim=-1)
-        return F.silu(a) * b
+        return F.silu(a).mul_(b) if inplace else F.silu(a) * b
     return F.gelu(h_AH)
 
 
+def _experts_reference_ops(s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
+    """The same computation as ``_FusedExperts`` from plain differentiable ops (compile path)."""
+    x_AD = s_SD[token_A]
+    h = grouped_mm(x_AD, w_in, offs_E, counts)
+    o = grouped_mm(_act_fwd(h, activation), w_out, offs_E, counts)
+    return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
+
+
 class _FusedExperts(torch.autograd.Function):
-    """y_A = gate_A * W2[e](act(W1[e] x_A)) for expert-sorted rows, with recomputed activations."""
+    """y_S = sum over the sub-token's assignments A of gate_A * W2[e](act(W1[e] s_S)).
+
+    Gather, both grouped matmuls, gating and the scatter-add in one node. Saved for backward:
+    the sub-tokens (already kept by the router), the int routing tensors, the first matmul's output
+    and the expert outputs; the activation is recomputed, and its gradient uses ATen's fused
+    silu/gelu backward kernels writing straight into the halves of one buffer.
+    """
 
     @staticmethod
-    def forward(ctx, x_AD, gate_A, w_in, w_out, offs_E, counts, activation):
+    def forward(ctx, s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
+        x_AD = s_SD[token_A]
         h = grouped_mm(x_AD, w_in, offs_E, counts)  # A x F (gelu) or A x 2F (swiglu: [w1 | w3])
-        p = _act_fwd(h, activation)  # A x F
-        o = grouped_mm(p, w_out, offs_E, counts)  # A x D
-        ctx.save_for_backward(x_AD, gate_A, w_in, w_out, offs_E, h, o)
-        ctx.counts = counts
-        ctx.activation = activation
-        return o * gate_A.unsqueeze(-1).to(o.dtype)
+        o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
+        y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, offs_E, h, o)
+        ctx.counts, ctx.activation = counts, activation
+        return y_SD
 
     @staticmethod
-    def backward(ctx, dy_AD):
-        x, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
+    def backward(ctx, dy_SD):
+        s_SD, token_A, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
-        dy_AD = dy_AD.contiguous()
-        dgate = (dy_AD * o).sum(-1).to(gate.dtype) if ctx.needs_input_grad[1] else None
-        do = dy_AD * gate.unsqueeze(-1).to(dy_AD.dtype)
-        # recompute the activation (elementwise) instead of having stored it
+        dy_AD = dy_SD[token_A]
+        dgate = (dy_AD * o).sum(-1).to(gate.dtype) if ctx.needs_input_grad[2] else None
+        do = dy_AD.mul_(gate.unsqueeze(-1).to(dy_AD.dtype))
+        dh = torch.empty_like(h)
         if activation == "swiglu":
             a, b = h.chunk(2, dim=-1)
-            sig = torch.sigmoid(a)
-            silu = a * sig
-            p = silu * b
+            hid = a.shape[-1]
+            act = F.silu(a)
+            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
+            torch.mul(dp, act, out=dh[:, hid:])  # d b
+            p = act.mul_(b)  # recomputed activation, input of w_out
+            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
+            del p, act
+            torch.ops.aten.silu_backward.grad_input(dp.mul_(b), a, grad_input=dh[:, :hid])  # d a
         else:
             p = F.gelu(h)
-        dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[3] else None
-        dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-        if activation == "swiglu":
-            da = dp * b * (sig * (1 + a * (1 - sig)))
-            dh = torch.cat([da, dp * silu], dim=-1)
-        else:
-            k = math.sqrt(0.5)
-            cdf = 0.5 * (1 + torch.erf(h * k))
-            pdf = torch.exp(-0.5 * h * h) / math.sqrt(2 * math.pi)
-            dh = dp * (cdf + h * pdf)
-        dw_in = grouped_mm_wgrad(x, dh, offs, counts) if ctx.needs_input_grad[2] else None
-        dx = grouped_mm(dh, w_in.transpose(-2, -1), offs, counts) if ctx.needs_input_grad[0] else None
-        return dx, dgate, dw_in, dw_out, None, None, None
+            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
+            del p
+            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
+            torch.ops.aten.gelu_backward.grad_input(dp, h, approximate="none", grad_input=dh)
+        del dp
+        x_AD = s_SD[token_A]
+        dw_in = grouped_mm_wgrad(x_AD, dh, offs, counts) if ctx.needs_input_grad[3] else None
+        ds = None
+        if ctx.needs_input_grad[0]:
+            dx_AD = grouped_mm(dh, w_in.transpose(-2, -1), offs, counts)
+            ds = torch.zeros_like(s_SD).index_add_(0, token_A, dx_AD)
+        return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
 class GroupedExperts(nn.Module):
@@ -163,24 +183,27 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
 
-    def forward(self, x_AD: Tensor, gate_A: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
-        """Gate-weighted expert outputs for expert-sorted rows: A x dim."""
-        if self.bitnet:
-            return self._forward_bitnet(x_AD, gate_A, offs_E, counts)
-        if _is_compiling():
-            # plain differentiable ops: the compiler traces through them
-            h = grouped_mm(x_AD, self.w_in, offs_E, counts)
-            o = grouped_mm(_act_fwd(h, self.activation), self.w_out, offs_E, counts)
-            return o * gate_A.unsqueeze(-1).to(o.dtype)
-        return _FusedExperts.apply(x_AD, gate_A, self.w_in, self.w_out, offs_E, counts, self.activation)
+    def forward(self, s_SD: Tensor, token_A: Tensor, gate_A: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
+        """Sum of gate-weighted expert outputs per sub-token, S x dim.
 
-    def _forward_bitnet(self, x_AD: Tensor, gate_A: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
+        ``token_A``: sub-token of each assignment, sorted by expert; ``gate_A``: its gate;
+        ``offs_E`` / ``counts``: assignments per expert (cumulative int32 / list).
+        """
+        if self.bitnet:
+            return self._forward_bitnet(s_SD, token_A, gate_A, offs_E, counts)
+        args = (s_SD, token_A, gate_A, self.w_in, self.w_out, offs_E, counts, self.activation)
+        if _is_compiling():
+            return _experts_reference_ops(*args)  # the compiler traces plain ops
+        return _FusedExperts.apply(*args)
+
+    def _forward_bitnet(self, s_SD, token_A, gate_A, offs_E, counts) -> Tensor:
+        x_AD = s_SD[token_A]
         w_in = weight_quant_ternary(self.w_in, dims=(-2, -1))
         w_out = weight_quant_ternary(self.w_out, dims=(-2, -1))
         h = grouped_mm(act_quant_8bit(F.rms_norm(x_AD, (x_AD.shape[-1],))), w_in, offs_E, counts)
         p = _act_fwd(h, self.activation)
         o = grouped_mm(act_quant_8bit(F.rms_norm(p, (p.shape[-1],))), w_out, offs_E, counts)
-        return o * gate_A.unsqueeze(-1).to(o.dtype)
+        return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}, bitnet={self.bitnet}"

@@ -98,10 +98,8 @@ class MHMoE(nn.Module):
         capacity = None if c.capacity_factor is None else expert_capacity(S, E, K, c.capacity_factor)
         plan = permute(idx_SK, E, capacity)
         offs_E, counts = expert_offsets(plan.counts_E)
-        x_ADh = s_SDh[plan.token_A]
         gate_A = gates_SK.t().reshape(-1)[plan.order_A]
-        y_ADh = self.experts(x_ADh, gate_A.to(x_ADh.dtype), offs_E, counts)
-        y_SDh = s_SDh.new_zeros(S, Dh).index_add(0, plan.token_A, y_ADh)
+        y_SDh = self.experts(s_SDh, plan.token_A, gate_A.to(s_SDh.dtype), offs_E, counts)
         if c.sub_token_residual:
             y_SDh = y_SDh + s_SDh
         y_TD = self.merge(y_SDh.reshape(T, c.d_model))  # token merge: heads concatenated in order

@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Forward+backward time and memory of MH-MoE / SMoE layers against a dense SwiGLU FFN.
+
+All variants are measured in one run, interleaved round by round (the machine is noisy); each
+round times every variant once, and each variant's ratio to the dense FFN of the same round is
+kept. The table prints medians of those ratios.
+
+Variants, for each base expert count E (default 8, 16, 32), at width d and dense hidden F:
+  dense      SwiGLU FFN d -> F -> d
+  smoe       E experts x F, top-1, no head/merge layers (= MH-MoE h=1)
+  mh-moe h=2 2E experts x F/2, top-2, head + merge layers
+  mh-moe h=4 4E experts x F/4, top-2, head + merge layers
+The MACs/token column gives each variant's active multiply-adds, router excluded.
+
+Memory: "saved" is the bytes autograd keeps for backward (distinct storages, parameters
+excluded), from saved-tensor hooks; "peak" is the CUDA peak allocation, or on CPU the peak RSS
+growth of a fresh subprocess running one step (--no-rss skips those subprocesses).
+
+Example (the issue's setting):
+    python scripts/benchmark_moe.py --tokens 8192 --d-model 512 --hidden 1536 --experts 8 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmmoe.layers.mlp import FeedForward  # noqa: E402
+from mmmoe.moe import MHMoE, MoEConfig  # noqa: E402
+
+
+@dataclass
+class Variant:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    macs: int
+
+
+def variants(d: int, hidden: int, base_experts: int, tokens: int) -> List[Variant]:
+    def moe(h: int, k: int, e: int, f: int) -> Callable[[], torch.nn.Module]:
+        return lambda: MHMoE(MoEConfig(d_model=d, num_experts=e, expert_hidden=f, top_k=k, num_heads=h))
+
+    out = [Variant("dense", lambda: FeedForward(d, hidden, "swiglu"), 3 * d * hidden)]
+    out.append(Variant(f"smoe {base_experts}x{hidden} k1", moe(1, 1, base_experts, hidden), 3 * d * hidden))
+    for h, k in ((2, 2), (4, 2)):
+        e, f = base_experts * h, hidden // h
+        out.append(Variant(f"mh-moe h={h} {e}x{f} k{k}", moe(h, k, e, f), 2 * d * d + 3 * d * f * k))
+    return out
+
+
+def _run(module: torch.nn.Module, x: torch.Tensor) -> None:
+    y = module(x)
+    if isinstance(y, tuple):
+        y, aux = y
+        y = y.float().sum() + aux.loss
+    else:
+        y = y.float().sum()
+    y.backward()
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    params = {p.data_ptr() for p in module.parameters()}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    y = y[0] if isinstance(y, tuple) else y
+    y.float().sum().backward()
+    module.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(v: Variant, x: torch.Tensor, args: argparse.Namespace) -> float:
+    """CUDA: peak allocated bytes during one step. CPU: peak RSS growth of a fresh process."""
+    if x.device.type == "cuda":
+        m = v.build().to(x.device, x.dtype)
+        _run(m, x)
+        m.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _run(m, x)
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    if args.no_rss:
+        return float("nan")
+    cmd = [sys.executable, __file__, "--_rss-child", v.name, "--tokens", str(args.tokens), "--d-model",
+           str(args.d_model), "--hidden", str(args.hidden), "--experts", str(args._base), "--dtype", args.dtype]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    v = {v.name: v for v in variants(args.d_model, args.hidden, args.experts[0], args.tokens)}[args._rss_child]
+    m = v.build().to(dtype)
+    x = torch.randn(args.tokens, args.d_model, dtype=dtype, requires_grad=True)
+    # ru_maxrss only grows, so the first step is measured: peak RSS minus the RSS before it
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    _run(m, x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+
+
+def bench(args: argparse.Namespace) -> List[dict]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for base in args.experts:
+        args._base = base
+        torch.manual_seed(0)
+        vs = variants(args.d_model, args.hidden, base, args.tokens)
+        mods = [v.build().to(device, dtype) for v in vs]
+        x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
+        for m in mods:
+            for _ in range(args.warmup):
+                _run(m, x)
+        times: List[List[float]] = [[] for _ in vs]
+        rounds = range(args.repeats)
+        try:
+            from tqdm import tqdm
+
+            rounds = tqdm(rounds, desc=f"E={base}", leave=False, file=sys.stderr)
+        except ImportError:  # pragma: no cover
+            pass
+        for r in rounds:
+            order = list(range(len(vs)))
+            if r % 2:
+                order.reverse()  # alternate who goes first
+            for i in order:
+                mods[i].zero_grad(set_to_none=True)
+                x.grad = None
+                sync(device)
+                t0 = time.perf_counter()
+                _run(mods[i], x)
+                sync(device)
+                times[i].append(time.perf_counter() - t0)
+        saved = [saved_bytes(m, x) for m in mods]
+        peaks = [peak_memory(v, x, args) for v in vs]
+        for i, v in enumerate(vs):
+            ratios = [t / d for t, d in zip(times[i], times[0])]
+            rows.append(dict(
+                experts=base, variant=v.name, macs_per_token=v.macs,
+                time_ms=1e3 * statistics.median(times[i]), time_ratio=statistics.median(ratios),
+                saved_mib=saved[i] / 2**20, saved_ratio=saved[i] / saved[0],
+                peak_mib=peaks[i] / 2**20, peak_ratio=peaks[i] / peaks[0] if peaks[0] else float("nan"),
+            ))
+        del mods
+    return rows
+
+
+def print_table(rows: List[dict], args: argparse.Namespace) -> None:
+    print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
+          f"dense hidden={args.hidden} repeats={args.repeats} (medians of per-round ratios to dense)")
+    hdr = f"{'E':>3}  {'variant':<24} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['experts']:>3}  {r['variant']:<24} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} "
+              f"{r['saved_mib']:>10.1f} {r['saved_ratio']:>8.2f} {r['peak_mib']:>9.1f} {r['peak_ratio']:>7.2f}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per step (default 8192)")
+    p.add_argument("--d-model", type=int, default=512, help="model width d (default 512)")
+    p.add_argument("--hidden", type=int, default=1536, help="dense FFN hidden width = SMoE expert width (default 1536)")
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32], help="base expert counts E (default 8 16 32)")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (default 15)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (default 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-rss", action="store_true", help="CPU: skip the peak-RSS subprocesses")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    p.add_argument("--_rss-child", dest="_rss_child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.dtype is None:
+        a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    for name in ("tokens", "d_model", "hidden", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.hidden % 4 or a.d_model % 4:
+        p.error("--hidden and --d-model must be multiples of 4 (h = 4 splits them)")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._rss_child:
+        rss_child(args)
+        return 0
+    rows = bench(args)
+    print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
