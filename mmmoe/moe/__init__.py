@@ -2,6 +2,7 @@
 
 from mmmoe.moe.config import MoEConfig
 from mmmoe.moe.mhmoe import MHMoE
+from mmmoe.moe.parity import ParityRow, format_parity_table, solve_parity
 from mmmoe.moe.stats import MoEOutput
 
-__all__ = ["MoEConfig", "MHMoE", "MoEOutput"]
+__all__ = ["MoEConfig", "MHMoE", "MoEOutput", "ParityRow", "solve_parity", "format_parity_table"]
