@@ -215,3 +215,19 @@ def test_compile_safe_path_matches_eager():
     torch.testing.assert_close(y_c, y_eager, rtol=1e-5, atol=1e-6)
     y_c.sum().backward()
     assert m.experts.w_in.grad is not None
+
+
+def test_fast_path_with_an_unused_expert_gives_zero_weight_grad():
+    m = make(dtype=torch.float32, d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2,
+             balancing="aux_free")
+    with torch.no_grad():
+        m.expert_bias[3] = -10.0  # expert 3 is never selected
+    x = torch.randn(40, 32)
+    y, out = m(x)
+    y.square().sum().backward()
+    assert out.expert_load[3] == 0
+    assert torch.all(m.experts.w_in.grad[3] == 0) and torch.all(m.experts.w_out.grad[3] == 0)
+    m64 = m.double()
+    m64.zero_grad(set_to_none=True)
+    y_ref, _, _ = reference_forward(m64, x.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
