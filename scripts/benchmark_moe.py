@@ -13,8 +13,11 @@ Variants, for each base expert count E (default 8, 16, 32), at width d and dense
 The MACs/token column gives each variant's active multiply-adds, router excluded.
 
 Memory: "saved" is the bytes autograd keeps for backward (distinct storages, parameters
-excluded), from saved-tensor hooks; "peak" is the CUDA peak allocation, or on CPU the peak RSS
-growth of a fresh subprocess running one step (--no-rss skips those subprocesses).
+excluded), from saved-tensor hooks; "peak" is the peak of memory allocated during one step beyond
+what existed before it (parameter gradients included in "before" on CPU): the CUDA allocator's
+peak, or on CPU the peak of live tensor storages created by the step's ops (tracked in a dispatch
+mode; RSS is too noisy on a shared machine to compare variants).
+"time/MAC x" divides the time ratio by the MAC ratio: the cost per multiply-add against dense.
 
 Example (the issue's setting):
     python scripts/benchmark_moe.py --tokens 8192 --d-model 512 --hidden 1536 --experts 8 16 32
@@ -25,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,38 +97,65 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(v: Variant, x: torch.Tensor, args: argparse.Namespace) -> float:
-    """CUDA: peak allocated bytes during one step. CPU: peak RSS growth of a fresh process."""
+class _PeakTensorMemory(TorchDispatchMode):
+    """Tracks bytes of live tensor storages created by ops inside the mode (forward and backward),
+    freeing them when their storage dies: a deterministic peak, unlike RSS on a shared machine."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key in self._seen or st.nbytes() == 0:
+            return
+        self._seen.add(key)
+        n = st.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+        def free(key=key, n=n):
+            self.live -= n
+            self._seen.discard(key)
+
+        weakref.finalize(st, free)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                self._track(t)
+        return out
+
+
+def peak_memory(v: Variant, x: torch.Tensor) -> float:
+    """Peak bytes allocated during one forward+backward beyond what existed before it.
+    CUDA: the allocator's peak. CPU: tensor storages created by the step (_PeakTensorMemory)."""
+    m = v.build().to(x.device, x.dtype)
+    _run(m, x)
+    m.zero_grad(set_to_none=True)
+    x.grad = None
     if x.device.type == "cuda":
-        m = v.build().to(x.device, x.dtype)
-        _run(m, x)
-        m.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         _run(m, x)
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base)
-    if args.no_rss:
-        return float("nan")
-    cmd = [sys.executable, __file__, "--_rss-child", v.name, "--tokens", str(args.tokens), "--d-model",
-           str(args.d_model), "--hidden", str(args.hidden), "--experts", str(args._base), "--dtype", args.dtype]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(res.stdout.strip().splitlines()[-1])
-
-
-def rss_child(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    v = {v.name: v for v in variants(args.d_model, args.hidden, args.experts[0], args.tokens)}[args._rss_child]
-    m = v.build().to(dtype)
-    x = torch.randn(args.tokens, args.d_model, dtype=dtype, requires_grad=True)
-    # ru_maxrss only grows, so the first step is measured: peak RSS minus the RSS before it
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    # gradients of parameters and input exist before the tracked step (zeroed, not freed), so the
+    # peak is the step's activations and temporaries, not E copies of weight gradients
     _run(m, x)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)
+    m.zero_grad(set_to_none=False)
+    x.grad.zero_()
+    tracker = _PeakTensorMemory()
+    with tracker:
+        _run(m, x)
+    m.zero_grad(set_to_none=True)
+    x.grad = None
+    return float(tracker.peak)
 
 
 def bench(args: argparse.Namespace) -> List[dict]:
@@ -133,7 +163,6 @@ def bench(args: argparse.Namespace) -> List[dict]:
     dtype = getattr(torch, args.dtype)
     rows = []
     for base in args.experts:
-        args._base = base
         torch.manual_seed(0)
         vs = variants(args.d_model, args.hidden, base, args.tokens)
         mods = [v.build().to(device, dtype) for v in vs]
@@ -162,12 +191,13 @@ def bench(args: argparse.Namespace) -> List[dict]:
                 sync(device)
                 times[i].append(time.perf_counter() - t0)
         saved = [saved_bytes(m, x) for m in mods]
-        peaks = [peak_memory(v, x, args) for v in vs]
+        peaks = [peak_memory(v, x) for v in vs]
         for i, v in enumerate(vs):
             ratios = [t / d for t, d in zip(times[i], times[0])]
             rows.append(dict(
                 experts=base, variant=v.name, macs_per_token=v.macs,
                 time_ms=1e3 * statistics.median(times[i]), time_ratio=statistics.median(ratios),
+                time_per_mac_ratio=statistics.median(ratios) * vs[0].macs / v.macs,
                 saved_mib=saved[i] / 2**20, saved_ratio=saved[i] / saved[0],
                 peak_mib=peaks[i] / 2**20, peak_ratio=peaks[i] / peaks[0] if peaks[0] else float("nan"),
             ))
@@ -178,11 +208,11 @@ def bench(args: argparse.Namespace) -> List[dict]:
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} (medians of per-round ratios to dense)")
-    hdr = f"{'E':>3}  {'variant':<24} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
+    hdr = f"{'E':>3}  {'variant':<24} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['experts']:>3}  {r['variant']:<24} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} "
+        print(f"{r['experts']:>3}  {r['variant']:<24} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} {r['time_per_mac_ratio']:>10.2f} "
               f"{r['saved_mib']:>10.1f} {r['saved_ratio']:>8.2f} {r['peak_mib']:>9.1f} {r['peak_ratio']:>7.2f}")
 
 
@@ -198,9 +228,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-rss", action="store_true", help="CPU: skip the peak-RSS subprocesses")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
-    p.add_argument("--_rss-child", dest="_rss_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.dtype is None:
         a.dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
@@ -216,9 +244,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args._rss_child:
-        rss_child(args)
-        return 0
     rows = bench(args)
     print_table(rows, args)
     if args.json:

@@ -39,7 +39,7 @@ def main() -> int:
     print("\n== 3. Layer benchmark, small size (scripts/benchmark_moe.py for the full one) ==")
     sys.stdout.flush()
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark_moe.py"), "--tokens", "2048",
-           "--experts", "8", "--repeats", "5", "--no-rss"]
+           "--experts", "8", "--repeats", "5"]
     return subprocess.call(cmd)
 
 

@@ -27,7 +27,31 @@ def add_parity_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-SUBCOMMANDS = [add_parity_parser]
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.data_cli import add_data_arguments
+
+    p = sub.add_parser(
+        "data",
+        help="Prepare datasets: WebDataset shards from COCO/VQAv2/NLVR2/image folders/text.",
+        description="Dataset preparation. 'mmmoe data shards <source>' writes WebDataset shards "
+        "and a manifest (see data_pipelines/schema.py for the sample contract).",
+    )
+    add_data_arguments(p)
+
+
+def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.data_cli import add_tokenizer_arguments
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="Train a SentencePiece tokenizer with the fixed mmmoe special ids.",
+        description="SentencePiece tokenizer tools (special ids: pad=0, unk=1, bos=2, eos=3, "
+        "<mask>=4).",
+    )
+    add_tokenizer_arguments(p)
+
+
+SUBCOMMANDS = [add_parity_parser, add_data_parser, add_tokenizer_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -231,3 +231,11 @@ def test_fast_path_with_an_unused_expert_gives_zero_weight_grad():
     m64.zero_grad(set_to_none=True)
     y_ref, _, _ = reference_forward(m64, x.double())
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_second_backward_through_one_graph_is_refused():
+    m = make(num_heads=2, top_k=2)
+    y, _ = m(torch.randn(5, 16, dtype=torch.float64))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        y.sum().backward()

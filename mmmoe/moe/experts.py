@@ -123,34 +123,45 @@ class _FusedExperts(torch.autograd.Function):
         o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
         y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
         ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, offs_E, h, o)
-        ctx.counts, ctx.activation = counts, activation
+        ctx.counts, ctx.activation, ctx.consumed = counts, activation, False
         return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD):
+        if ctx.consumed:
+            raise RuntimeError(
+                "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
+                "in place, so retain_graph=True double backward is not supported"
+            )
+        ctx.consumed = True
         s_SD, token_A, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
         dy_AD = dy_SD[token_A]
         dgate = (dy_AD * o).sum(-1).to(gate.dtype) if ctx.needs_input_grad[2] else None
         do = dy_AD.mul_(gate.unsqueeze(-1).to(dy_AD.dtype))
-        dh = torch.empty_like(h)
+        # h (the first matmul's output) is overwritten with its own gradient dh, half by half, so
+        # backward holds one A x 2F buffer plus two A x F temporaries at most
         if activation == "swiglu":
             a, b = h.chunk(2, dim=-1)
-            hid = a.shape[-1]
             act = F.silu(a)
-            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-            torch.mul(dp, act, out=dh[:, hid:])  # d b
-            p = act.mul_(b)  # recomputed activation, input of w_out
+            p = act * b  # recomputed activation, input of w_out
             dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
-            del p, act
-            torch.ops.aten.silu_backward.grad_input(dp.mul_(b), a, grad_input=dh[:, :hid])  # d a
+            del p
+            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
+            torch.mul(dp, b, out=b)  # b := dp * b, the gradient reaching silu(a)
+            db = dp.mul_(act)  # dp := dp * silu(a) = d b
+            del act
+            torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)  # a := d a
+            b.copy_(db)
+            del db, dp
         else:
             p = F.gelu(h)
             dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
             del p
             dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-            torch.ops.aten.gelu_backward.grad_input(dp, h, approximate="none", grad_input=dh)
-        del dp
+            torch.ops.aten.gelu_backward.grad_input(dp, h, approximate="none", grad_input=h)
+            del dp
+        dh = h
         x_AD = s_SD[token_A]
         dw_in = grouped_mm_wgrad(x_AD, dh, offs, counts) if ctx.needs_input_grad[3] else None
         ds = None

@@ -1,0 +1,193 @@
+"""Image decoding and transforms for the readers.
+
+Fast path, per sample: ``decode_image`` (JPEG DCT-domain downscaling via ``Image.draft``) ->
+``ImageTransform.geometry`` (one ``Image.resize`` with a crop box: crop and resize in one pass) ->
+``to_uint8_chw`` (a view of the pixel buffer, no per-pixel Python). Normalisation happens once per
+batch, straight into the batch tensor: ``normalize_into`` (one fused multiply-add from uint8 to
+float per image). ``ImageTransform.__call__`` chains all of it for single images.
+
+Horizontal flips are OFF by default: they silently break questions and statements about left and
+right (VQAv2, NLVR2). Turn them on only for data where that cannot matter.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def decode_image(data: bytes, target_size: Optional[int] = None) -> Image.Image:
+    """Decode image bytes (any format PIL reads, detected by content) to an RGB PIL image.
+
+    For JPEGs with ``target_size`` set, ``Image.draft`` lets libjpeg decode at 1/2, 1/4 or 1/8
+    scale, the smallest that keeps both sides >= ``target_size``; that skips most of the inverse
+    DCT and colour conversion work. Raises (``PIL.UnidentifiedImageError``, ``OSError``, ...) on
+    bytes that are not a complete image; the readers count those as corrupt images.
+    """
+    img = Image.open(io.BytesIO(data))
+    if target_size is not None and img.format == "JPEG":
+        img.draft("RGB", (target_size, target_size))
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # also loads; palette / grey / CMYK / alpha -> RGB
+    else:
+        img.load()
+    return img
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W); a permuted view of one copy of the pixel buffer."""
+    arr_HWC = np.asarray(img)
+    if arr_HWC.ndim != 3 or arr_HWC.shape[2] != 3:
+        raise ValueError(f"expected an RGB image, got array of shape {arr_HWC.shape}")
+    if not arr_HWC.flags.writeable:  # torch warns on read-only buffers; the copy is 150 kB at 224 px
+        arr_HWC = arr_HWC.copy()
+    return torch.from_numpy(arr_HWC).permute(2, 0, 1)
+
+
+class Normalizer:
+    """(x / 255 - mean) / std from uint8 as one fused op: x * scale + bias, per channel."""
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 channels, got {mean} and {std}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        std_t = torch.tensor(self.std).view(3, 1, 1)
+        mean_t = torch.tensor(self.mean).view(3, 1, 1)
+        self.scale_C11 = 1.0 / (255.0 * std_t)
+        self.bias_C11 = -mean_t / std_t
+
+    def __call__(self, x_CHW: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """uint8 (3, H, W) -> float32 (3, H, W), written into ``out`` when given."""
+        return torch.addcmul(self.bias_C11, x_CHW, self.scale_C11, out=out)
+
+
+def normalize_into(out_BCHW: torch.Tensor, images: Sequence[torch.Tensor], normalizer: Normalizer) -> torch.Tensor:
+    """Normalise uint8 (3, H, W) images into the rows of a preallocated float (B, 3, H, W) tensor."""
+    for i, img in enumerate(images):
+        normalizer(img, out=out_BCHW[i])
+    return out_BCHW
+
+
+class ImageTransform:
+    """Train (random resized crop) or eval (resize + centre crop) geometry, then to tensor.
+
+    train: crop a random box of ``scale`` x the area with aspect in ``ratio`` and resize it to
+    ``size`` x ``size`` (torchvision's RandomResizedCrop sampling), optional horizontal flip.
+    eval: the centred square of side ``crop_pct`` x the short side, resized to ``size``
+    (= resize the short side to size / crop_pct, then centre crop).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        train: bool,
+        scale: Tuple[float, float] = (0.5, 1.0),
+        ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = False,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        self.size = size
+        self.train = train
+        self.scale = scale
+        self.ratio = ratio
+        self.hflip = hflip
+        self.crop_pct = crop_pct
+        self.resample = INTERPOLATIONS[interpolation]
+        self.normalizer = Normalizer(mean, std)
+
+    def crop_box(self, width: int, height: int) -> Tuple[float, float, float, float]:
+        """(left, top, right, bottom) in source pixels."""
+        if not self.train:
+            side = min(width, height) * self.crop_pct
+            left, top = (width - side) / 2, (height - side) / 2
+            return left, top, left + side, top + side
+        area = width * height
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        u = torch.rand(10, 4).tolist()  # torch RNG: seeded per DataLoader worker
+        for us, ur, ux, uy in u:
+            target = area * (self.scale[0] + us * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_lo + ur * (log_hi - log_lo))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(ux * (width - w + 1))
+                top = int(uy * (height - h + 1))
+                return left, top, left + w, top + h
+        # fallback: centre crop at the nearest allowed aspect ratio
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif aspect > self.ratio[1]:
+            w, h = int(round(height * self.ratio[1])), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Crop + resize in one ``Image.resize`` call (box argument), then the optional flip."""
+        box = self.crop_box(*img.size)
+        out = img.resize((self.size, self.size), self.resample, box=box)
+        if self.train and self.hflip and float(torch.rand(())) < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return out
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """Geometry, then uint8 (3, size, size); the readers normalise later, once per batch."""
+        return to_uint8_chw(self.geometry(img))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Geometry, to tensor, normalise: float32 (3, size, size)."""
+        return self.normalizer(self.to_uint8(img))
+
+
+def train_transform(
+    size: int,
+    scale: Tuple[float, float] = (0.5, 1.0),
+    hflip: bool = False,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> ImageTransform:
+    """Random resized crop (``scale`` of the area, aspect 3/4..4/3); flip only when ``hflip``."""
+    return ImageTransform(size, train=True, scale=scale, hflip=hflip, interpolation=interpolation, mean=mean, std=std)
+
+
+def eval_transform(
+    size: int,
+    crop_pct: float = 1.0,
+    interpolation: str = "bicubic",
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> ImageTransform:
+    """Resize the short side to ``size / crop_pct``, centre crop ``size`` (one resize call)."""
+    return ImageTransform(size, train=False, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
