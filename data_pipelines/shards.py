@@ -159,6 +159,10 @@ class ShardWriter:
     ``max_samples`` samples, or before a sample that would take the shard past ``max_bytes`` (a
     single sample larger than ``max_bytes`` gets a shard of its own).
 
+    A key already used in the current shard raises :class:`ValueError`, or, with
+    ``rename_duplicate_keys=True`` (what the source writers use, so a duplicated source record
+    cannot stop a run), gets a ``_dup<N>`` suffix.
+
     Use as a context manager, or call :meth:`close` (which writes the manifest and returns it). If
     the ``with`` block raises, the shard being written is deleted and no manifest is written.
     """
@@ -170,6 +174,7 @@ class ShardWriter:
         kind: str,
         max_samples: int = 1000,
         max_bytes: Optional[int] = None,
+        rename_duplicate_keys: bool = False,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -185,6 +190,7 @@ class ShardWriter:
         self.kind = kind
         self.max_samples = int(max_samples)
         self.max_bytes = max_bytes
+        self.rename_duplicate_keys = rename_duplicate_keys
         self.shards: List[Dict[str, Any]] = []
         self.total = 0
         self.skipped = 0
@@ -238,7 +244,13 @@ class ShardWriter:
         if self._tar is None:
             self._start_shard()
         if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r} in shard {self._final_path}")
+            if not self.rename_duplicate_keys:
+                raise ValueError(f"duplicate sample key {key!r} in shard {self._final_path}")
+            n = 1
+            while f"{key}_dup{n}" in self._keys:
+                n += 1
+            logger.debug("%s: duplicate key %r renamed %r", self.prefix, key, f"{key}_dup{n}")
+            key = f"{key}_dup{n}"
         self._keys.add(key)
 
         assert self._tar is not None
@@ -448,7 +460,8 @@ def write_karpathy_shards(
     wanted = set(splits)
     prefix = prefix or f"coco-{kind}-{'-'.join(splits)}"
 
-    with ShardWriter(out_dir, prefix, kind, shard_size, max_bytes) as w:
+    with ShardWriter(out_dir, prefix, kind, shard_size, max_bytes,
+                     rename_duplicate_keys=True) as w:
         for n, img in enumerate(images):
             try:
                 if img.get("split") not in wanted:
@@ -575,7 +588,8 @@ def write_image_folder_shards(
         files = sorted(
             p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
-        with ShardWriter(out_dir, prefix, "image", shard_size, max_bytes) as w:
+        with ShardWriter(out_dir, prefix, "image", shard_size, max_bytes,
+                         rename_duplicate_keys=True) as w:
             for i, p in enumerate(files):
                 rel = p.relative_to(root).as_posix()
                 try:
@@ -588,7 +602,8 @@ def write_image_folder_shards(
         return w.close()
 
     caps = _require_file(captions_file, "captions file")
-    with ShardWriter(out_dir, prefix, "image_text", shard_size, max_bytes) as w:
+    with ShardWriter(out_dir, prefix, "image_text", shard_size, max_bytes,
+                     rename_duplicate_keys=True) as w:
         for lineno, rec, raw in _iter_caption_records(caps):
             if rec is None:
                 w.skip(f"{caps}:{lineno}: malformed caption record {raw!r}")
@@ -674,7 +689,8 @@ def write_vqa_shards(
 
     prefix = prefix or f"vqa-{data_subtype or subtype or 'questions'}"
     cache: Tuple[Optional[Path], bytes] = (None, b"")
-    with ShardWriter(out_dir, prefix, "vqa", shard_size, max_bytes) as w:
+    with ShardWriter(out_dir, prefix, "vqa", shard_size, max_bytes,
+                     rename_duplicate_keys=True) as w:
         for n, q in enumerate(qdata["questions"]):
             try:
                 qid, image_id, question = q["question_id"], int(q["image_id"]), str(q["question"])
@@ -736,7 +752,8 @@ def write_nlvr2_shards(
     root = _require_dir(image_root, "image root")
     prefix = prefix or f"nlvr2-{sanitize_key(src.stem)}"
     cache: Tuple[Optional[Tuple[Path, Path]], bytes, bytes] = (None, b"", b"")
-    with ShardWriter(out_dir, prefix, "nlvr2", shard_size, max_bytes) as w, \
+    with ShardWriter(out_dir, prefix, "nlvr2", shard_size, max_bytes,
+                     rename_duplicate_keys=True) as w, \
             open(src, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -809,7 +826,8 @@ def write_text_shards(
     """
     files = _text_files(paths)
     prefix = prefix or "text"
-    with ShardWriter(out_dir, prefix, "text", shard_size, max_bytes) as w:
+    with ShardWriter(out_dir, prefix, "text", shard_size, max_bytes,
+                     rename_duplicate_keys=True) as w:
         for fi, path in enumerate(files):
             file_lang = lang or path.stem
             stem = sanitize_key(path.stem)
