@@ -1,0 +1,88 @@
+"""The built-in dataset end to end: raw files in the official formats, then WebDataset shards.
+
+``make_builtin_dataset(out_dir)`` draws the scenes (``data_pipelines.synthetic.generate``) and writes,
+under ``out_dir/shards``, with the same writers users run on real COCO / VQAv2 / NLVR2 files:
+
+    pretrain-image-text-*   Karpathy train + restval, one sample per (image, caption)
+    pretrain-image-*        the train2014 images alone
+    pretrain-text-<lang>-*  text/multilingual/<lang>.txt, and pretrain-text-en from text/en.txt
+    caption-<split>-*       Karpathy train / val / test, one sample per image with its captions
+    vqa-<subtype>-*         VQAv2 train2014 / val2014 questions joined with their annotations
+    nlvr2-<split>-*         NLVR2 train / dev / test1
+
+``out_dir/shards/index.json`` maps each of those names to its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+from data_pipelines import shards as W
+from data_pipelines.synthetic import generate
+
+PathLike = Union[str, os.PathLike]
+
+
+def make_builtin_dataset(
+    out_dir: PathLike,
+    num_images: int = 300,
+    seed: int = 0,
+    image_size: int = 96,
+    shard_size: int = 500,
+) -> Dict[str, Any]:
+    """Generate (or reuse) the raw dataset in ``out_dir`` and (re)write its shards. Returns the index."""
+    out = Path(out_dir)
+    summary = generate(out, num_images=num_images, seed=seed, image_size=image_size)
+    sdir = out / "shards"
+    index_path = sdir / "index.json"
+    params = dict(num_images=num_images, seed=seed, image_size=image_size, shard_size=shard_size)
+    if summary.get("cached") and index_path.exists():
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("params") == params and all(
+                Path(m["manifest"]).exists() for m in index["datasets"].values()
+            ):
+                return index
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable index is rebuilt below
+    sdir.mkdir(parents=True, exist_ok=True)
+    common = dict(shard_size=shard_size)
+    coco_json = out / "coco" / "dataset_coco.json"
+    coco_root = out / "coco"
+    made: Dict[str, Dict[str, Any]] = {}
+
+    def add(name: str, manifest: Dict[str, Any]) -> None:
+        made[name] = dict(
+            manifest=str(sdir / f"{name}.manifest.json"), kind=manifest["kind"],
+            pattern=manifest["pattern"], total=manifest["total"], skipped=manifest.get("skipped", 0),
+        )
+
+    add("pretrain-image-text", W.write_karpathy_shards(
+        coco_json, coco_root, sdir, splits=("train", "restval"), kind="image_text", prefix="pretrain-image-text", **common))
+    add("pretrain-image", W.write_image_folder_shards(
+        coco_root / "train2014", None, sdir, prefix="pretrain-image", **common))
+    add("pretrain-text-en", W.write_text_shards([out / "text" / "en.txt"], sdir, lang="en", prefix="pretrain-text-en", **common))
+    for f in sorted((out / "text" / "multilingual").glob("*.txt")):
+        name = f"pretrain-text-ml-{f.stem}"
+        add(name, W.write_text_shards([f], sdir, lang=f.stem, prefix=name, **common))
+    for split in ("train", "val", "test"):
+        name = f"caption-{split}"
+        add(name, W.write_karpathy_shards(coco_json, coco_root, sdir, splits=(split,), kind="caption", prefix=name, **common))
+    for sub in ("train2014", "val2014"):
+        name = f"vqa-{sub}"
+        add(name, W.write_vqa_shards(
+            out / "vqav2" / f"v2_OpenEnded_mscoco_{sub}_questions.json",
+            out / "vqav2" / f"v2_mscoco_{sub}_annotations.json",
+            coco_root, sdir, prefix=name, **common))
+    for split in ("train", "dev", "test1"):
+        name = f"nlvr2-{split}"
+        add(name, W.write_nlvr2_shards(out / "nlvr2" / f"{split}.json", out / "nlvr2" / "images", sdir, prefix=name, **common))
+
+    index = dict(params=params, root=str(out), datasets=made)
+    tmp = index_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, index_path)
+    return index
