@@ -1,0 +1,20 @@
+"""Models: the multiway MH-MoE backbone, its heads, presets and the registry."""
+
+from mmmoe.models.config import ModelConfig
+from mmmoe.models.heads import MIMHead, NLVR2Head, Pooler, TokenHead, VQAHead, mim_targets, patchify
+from mmmoe.models.multiway_transformer import BackboneOutput, KVCache, MultiwayTransformer
+from mmmoe.models.registry import (
+    PRESETS,
+    VARIANTS,
+    count_costs,
+    create_model,
+    get_config,
+    list_models,
+    moe_variant,
+)
+
+__all__ = [
+    "ModelConfig", "MultiwayTransformer", "BackboneOutput", "KVCache", "TokenHead", "MIMHead", "Pooler",
+    "VQAHead", "NLVR2Head", "mim_targets", "patchify", "PRESETS", "VARIANTS", "create_model", "get_config",
+    "list_models", "moe_variant", "count_costs",
+]

@@ -1,0 +1,140 @@
+"""Named model presets and FFN variants: ``create_model("tiny", variant="smoe", depth=2)``.
+
+Presets fix the backbone size; a *variant* fixes what the MoE blocks hold, derived with the parity
+solver (arXiv 2411.16205) from one SMoE reference layer of ``num_experts`` (8) experts of width
+``ffn_hidden``, top-1, so every variant of a preset has the same active FLOPs:
+
+    dense          no MoE: every block a dense FFN of width ffn_hidden (= the SMoE's active FFN)
+    smoe           8 experts x ffn_hidden, top-1, h = 1
+    fine-grained   16 experts x ffn_hidden/2, top-2, h = 1
+    mhmoe-h2       h = 2 with head and merge layers, top-2, expert count and width from the solver
+    mhmoe-h3       h = 3, top-3 (the preset's dim must be divisible by 3)
+
+For ``tiny`` (dim 96, ffn 256) the solver gives mhmoe-h2 = 40 x 96 and mhmoe-h3 = 96 x 64: the
+paper's base configuration (dim 768, 8 x 2048) scaled down by 8.
+
+Overrides are checked strictly: an unknown key raises ``ValueError`` listing the valid ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from mmmoe.models.config import ModelConfig
+from mmmoe.models.multiway_transformer import MultiwayTransformer
+from mmmoe.moe import MHMoE, MoEConfig, solve_parity
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # tests and the CPU quickstart: seconds per step on a laptop
+    "tiny": dict(dim=96, depth=4, num_heads=4, ffn_hidden=256, vl_layers=1, image_size=64, patch_size=16,
+                 max_text_len=40),
+    "small": dict(dim=384, depth=6, num_heads=6, ffn_hidden=1024, vl_layers=2, image_size=224, patch_size=16,
+                  max_text_len=64),
+    # BEiT-3 base / large widths; SwiGLU FFNs of 2/3 the GELU width keep the parameter count
+    "base": dict(dim=768, depth=12, num_heads=12, ffn_hidden=2048, vl_layers=2, image_size=224, patch_size=16,
+                 max_text_len=64),
+    "large": dict(dim=1024, depth=24, num_heads=16, ffn_hidden=2736, vl_layers=3, image_size=224, patch_size=16,
+                  max_text_len=64),
+}
+VARIANTS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
+DEFAULT_VARIANT = "mhmoe-h2"
+REFERENCE_EXPERTS = 8
+
+
+def moe_variant(
+    dim: int, ffn_hidden: int, variant: str, activation: str = "swiglu", num_experts: int = REFERENCE_EXPERTS
+) -> Optional[Dict[str, Any]]:
+    """MoE fields (a dict for ``MoEConfig``, without d_model) of one variant, or None for dense."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is invalid: allowed {', '.join(VARIANTS)}")
+    if variant == "dense":
+        return None
+    heads = [h for h in (2, 3) if dim % h == 0]
+    rows = {r.name: r for r in solve_parity(dim, num_experts, ffn_hidden, 1, activation, heads=heads)}
+    name = {"smoe": "smoe", "fine-grained": "fine-grained", "mhmoe-h2": "mh-moe h=2", "mhmoe-h3": "mh-moe h=3"}[variant]
+    if name not in rows:
+        raise ValueError(f"variant={variant!r} needs dim divisible by {variant[-1]}, got dim={dim}")
+    r = rows[name]
+    return dict(num_experts=r.num_experts, expert_hidden=r.expert_hidden, top_k=r.top_k, num_heads=r.num_heads,
+                activation=activation)
+
+
+def list_models() -> List[str]:
+    return sorted(PRESETS)
+
+
+def _valid_keys() -> List[str]:
+    return sorted({f.name for f in fields(ModelConfig)})
+
+
+def get_config(name: str = "tiny", variant: Optional[str] = None, **overrides: Any) -> ModelConfig:
+    """The preset ``name`` with ``variant`` (default mhmoe-h2) and strict overrides.
+
+    ``moe`` in overrides may be a dict: it is merged into the variant's MoE fields (e.g.
+    ``moe={"router": "xmoe"}``), or None for dense."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}: available {', '.join(list_models())}")
+    unknown = sorted(set(overrides) - set(_valid_keys()))
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown}; valid: {', '.join(_valid_keys())}")
+    args = {**PRESETS[name], **{k: v for k, v in overrides.items() if k != "moe"}}
+    act = args.get("activation", "swiglu")
+    moe = moe_variant(args["dim"], args["ffn_hidden"], variant or DEFAULT_VARIANT, act)
+    if "moe" in overrides:
+        extra = overrides["moe"]
+        if extra is None:
+            moe = None
+        elif isinstance(extra, MoEConfig):
+            moe = extra.to_dict()
+        elif isinstance(extra, dict):
+            moe = {**(moe or moe_variant(args["dim"], args["ffn_hidden"], "smoe", act)), **extra}
+        else:
+            raise ValueError(f"moe override must be a dict, a MoEConfig or None, got {type(extra).__name__}")
+    if moe is not None:
+        moe = MoEConfig.from_dict({**moe, "d_model": args["dim"]})
+    return ModelConfig(**args, moe=moe)
+
+
+def create_model(name: str = "tiny", variant: Optional[str] = None, **overrides: Any) -> MultiwayTransformer:
+    """Build the backbone of preset ``name`` (see ``get_config``)."""
+    return MultiwayTransformer(get_config(name, variant, **overrides))
+
+
+# ---------------------------------------------------------------------------------- cost counts
+def ffn_macs_per_token(cfg: ModelConfig, layer: int) -> int:
+    """Multiply-adds per token of one block's FFN (router, norms and biases left out)."""
+    c = 3 if cfg.activation == "swiglu" else 2
+    if not cfg.is_moe_layer(layer):
+        return c * cfg.dim * cfg.ffn_hidden
+    m = cfg.moe
+    cm = 3 if m.activation == "swiglu" else 2
+    extra = cfg.dim * cfg.dim * (int(m.use_head_layer) + int(m.use_merge_layer))
+    shared = cm * cfg.dim * m.shared_expert_hidden
+    return extra + m.top_k * cm * cfg.dim * m.expert_hidden + shared
+
+
+def count_costs(cfg: ModelConfig, seq_len: Optional[int] = None) -> Dict[str, float]:
+    """Parameters (total, and active per token) and forward MACs per token of the backbone for a
+    sequence of ``seq_len`` positions (default: one image plus max_text_len text)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = MultiwayTransformer(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    S = seq_len if seq_len is not None else 1 + cfg.num_patches + cfg.max_text_len
+    D = cfg.dim
+    attn = 4 * D * D + 2 * S * D  # qkv + proj, scores + weighted sum
+    ffn = sum(ffn_macs_per_token(cfg, i) for i in range(cfg.depth))
+    macs = cfg.depth * attn + ffn
+    inactive = 0
+    for blk in model.blocks:  # a token runs one way, and within an MoE way only its top-k experts
+        ways = list(blk.ffn.ways.values())
+        inactive += sum(sum(p.numel() for p in w.parameters()) for w in ways[1:])
+        first = ways[0]
+        if isinstance(first, MHMoE):
+            m = first.config
+            per_expert = sum(p.numel() for p in first.experts.parameters()) // m.num_experts
+            inactive += per_expert * (m.num_experts - min(m.num_experts, m.top_k * m.num_heads))
+    return dict(params=float(total), active_params=float(total - inactive), macs_per_token=float(macs),
+                seq_len=float(S))

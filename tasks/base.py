@@ -1,0 +1,305 @@
+"""What every task's LightningModule shares: the backbone from the registry, AdamW parameter groups,
+warmup + cosine schedule, MoE loss and routing-statistics logging, aux-loss-free balancing updates,
+safe loading of pretrained weights, and atomic checkpoint writes.
+
+Hyperparameters are plain types only (strings, numbers, dicts), so checkpoints load with
+``torch.load(weights_only=True)`` and ``load_from_checkpoint`` rebuilds the module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import Tensor, nn
+
+from mmmoe.models import BackboneOutput, MultiwayTransformer, create_model
+from mmmoe.moe import MHMoE
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------ safe loading
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that needs arbitrary unpickling (code could run): refused, nothing executed."""
+
+
+def load_state_file(path: PathLike) -> Dict[str, Any]:
+    """Load a checkpoint without running any of its code.
+
+    ``.safetensors`` files are read with safetensors; everything else with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A file
+    that needs more (a pickled class, a lambda) raises :class:`UnsafeCheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return {"state_dict": load_file(str(path))}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"checkpoint {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "Unpickler" in text:
+            raise UnsafeCheckpointError(
+                f"refusing to load {str(path)!r}: it needs arbitrary unpickling (objects beyond tensors "
+                "and plain containers), which could run code. Nothing in it was executed. Re-save it "
+                "as a plain state dict or as .safetensors."
+            ) from None
+        raise ValueError(f"checkpoint {str(path)!r} could not be read: {text.splitlines()[0] if text else exc!r}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def extract_state_dict(obj: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The tensor state dict inside a Lightning checkpoint, a ``{"state_dict": ...}`` or a bare one."""
+    sd = obj.get("state_dict", obj) if isinstance(obj.get("state_dict", None), dict) else obj
+    return {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+
+def load_matching(module: nn.Module, state: Dict[str, Tensor], prefixes: Iterable[str] = ("", "model.", "backbone.")) -> Dict[str, List[str]]:
+    """Copy the entries of ``state`` whose names (after stripping one of ``prefixes``) and shapes
+    match ``module``'s. Returns ``{"loaded", "missing", "unexpected", "mismatched"}`` name lists."""
+    own = module.state_dict()
+    loaded, unexpected, mismatched = [], [], []
+    new_state = {}
+    for key, value in state.items():
+        target = None
+        for p in prefixes:
+            if key.startswith(p) and key[len(p):] in own:
+                target = key[len(p):]
+                break
+        if target is None:
+            unexpected.append(key)
+        elif own[target].shape != value.shape:
+            mismatched.append(f"{target} {tuple(value.shape)} vs {tuple(own[target].shape)}")
+        else:
+            new_state[target] = value
+            loaded.append(target)
+    module.load_state_dict(new_state, strict=False)
+    missing = sorted(set(own) - set(loaded))
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder and renames it into place, so
+    an interrupted save never leaves a truncated checkpoint (and never clobbers the previous one)."""
+
+    def save_checkpoint(self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(checkpoint, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+        return load_state_file(path)
+
+
+# ------------------------------------------------------------------------------ optimisation
+def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> List[Dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms (1-D tensors), embeddings, positions and tokens."""
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name in skip or name.endswith(".bias") or "embed" in name or name.endswith("_token"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup over ``warmup`` steps, cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------ routing statistics
+class ExpertActivation:
+    """Accumulates, per MoE layer and way, the expert loads and routed tokens; ``ratios()`` gives
+    the paper's activation ratio (selections / tokens) per expert, for heatmaps."""
+
+    def __init__(self) -> None:
+        self.load: Dict[str, Tensor] = {}
+        self.tokens: Dict[str, int] = {}
+
+    def update(self, moe: Dict[str, Any]) -> None:
+        for key, out in moe.items():
+            load = out.expert_load.detach().float().cpu()
+            self.load[key] = self.load.get(key, torch.zeros_like(load)) + load
+            self.tokens[key] = self.tokens.get(key, 0) + int(out.num_tokens)
+
+    def ratios(self) -> Dict[str, np.ndarray]:
+        return {k: (self.load[k] / max(1, self.tokens[k])).numpy() for k in sorted(self.load, key=_layer_order)}
+
+    def activated(self, threshold: float = 0.01) -> Dict[str, float]:
+        return {k: float((r > threshold).mean()) for k, r in self.ratios().items()}
+
+    def reset(self) -> None:
+        self.load.clear()
+        self.tokens.clear()
+
+
+def _layer_order(key: str) -> Tuple[int, str]:
+    layer, _, way = key.partition(".")
+    return (int(layer) if layer.isdigit() else 0, way)
+
+
+# ------------------------------------------------------------------------------ the base module
+class MMMoEModule(pl.LightningModule):
+    """Base LightningModule: builds ``self.backbone`` and owns optimisation and MoE logging.
+
+    Args:
+        model: preset name (``mmmoe.models.list_models()``).
+        variant: FFN variant: dense, smoe, fine-grained, mhmoe-h2 (default), mhmoe-h3.
+        model_args: overrides of ModelConfig fields (strict); ``moe`` may be a dict of MoEConfig
+            fields merged into the variant's.
+        tokenizer: path of the SentencePiece model; sets ``vocab_size`` from it when given.
+        lr, weight_decay, betas, eps: AdamW.
+        warmup_steps: linear warmup; then cosine decay to ``min_lr_ratio * lr`` at the last step
+            (``max_steps`` of the Trainer, or its estimated stepping batches).
+        init_from: a checkpoint (Lightning .ckpt, state dict or .safetensors) whose matching
+            weights initialise the module (fine-tuning); loaded weights-only.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        variant: Optional[str] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        tokenizer: Optional[str] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        init_from: Optional[str] = None,
+    ):
+        super().__init__()
+        args = dict(model_args or {})
+        self.tokenizer_path = tokenizer
+        if tokenizer is not None and "vocab_size" not in args:
+            from data_pipelines.tokenizer import Tokenizer
+
+            args["vocab_size"] = Tokenizer(tokenizer).vocab_size
+        self.backbone: MultiwayTransformer = create_model(model, variant, **args)
+        self.activation_stats = ExpertActivation()
+        self._last_moe: Dict[str, Any] = {}
+        self._step_start: Optional[float] = None
+
+    # subclasses call this at the end of their __init__, after building their heads
+    def _finish_init(self) -> None:
+        if self.hparams.get("init_from"):
+            self.load_pretrained(self.hparams["init_from"])
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    # ------------------------------------------------------------------ weights
+    def load_pretrained(self, path: PathLike) -> Dict[str, List[str]]:
+        """Initialise from ``path`` (weights-only); logs and returns missing / unexpected keys."""
+        state = extract_state_dict(load_state_file(path))
+        report = load_matching(self, state)
+        log.info(
+            "loaded %d tensors from %s; missing %d, unexpected %d, shape-mismatched %d",
+            len(report["loaded"]), path, len(report["missing"]), len(report["unexpected"]), len(report["mismatched"]),
+        )
+        for kind in ("missing", "unexpected", "mismatched"):
+            if report[kind]:
+                log.info("%s keys: %s%s", kind, ", ".join(report[kind][:12]), " ..." if len(report[kind]) > 12 else "")
+        if not report["loaded"]:
+            raise ValueError(f"no tensor in {str(path)!r} matches this model (is it an mmmoe checkpoint?)")
+        self.load_report = report
+        return report
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        h = self.hparams
+        groups = param_groups(self, h.weight_decay, skip={f"backbone.{n}" for n in self.backbone.no_weight_decay()})
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        total = self._total_steps()
+        warm, min_ratio = int(h.warmup_steps), float(h.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total, min_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        try:
+            return max(1, int(trainer.estimated_stepping_batches))
+        except Exception:  # infinite / unknown length
+            return 100_000
+
+    # ------------------------------------------------------------------ MoE bookkeeping
+    def moe_loss_and_log(self, out: BackboneOutput, prefix: str, batch_size: int) -> Tensor:
+        """Record routing statistics of one forward and return its aux loss."""
+        self._last_moe.update({f"{prefix}/{k}": v for k, v in out.moe.items()} if self.training else {})
+        if out.moe:
+            if not self.training:
+                self.activation_stats.update(out.moe)
+            act = torch.stack([o.activation_ratio.float() for o in out.moe.values()]).mean()
+            div = torch.stack([o.divergence.float() for o in out.moe.values()]).mean()
+            stage = "train" if self.training else "val"
+            self.log(f"{stage}/moe_aux_loss", out.aux_loss.detach(), batch_size=batch_size)
+            self.log(f"{stage}/expert_activation", act, batch_size=batch_size)
+            self.log(f"{stage}/sub_token_divergence", div, batch_size=batch_size)
+            if self.training and self.global_step % 10 == 0:
+                for k, o in out.moe.items():
+                    self.log(f"activation/{prefix}/{k}", o.activation_ratio.float(), batch_size=batch_size)
+        return out.aux_loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._last_moe = {}
+        self._step_start = time.perf_counter()
+
+    def log_throughput(self, tokens: int) -> None:
+        if self._step_start is not None:
+            dt = time.perf_counter() - self._step_start
+            if dt > 0:
+                self.log("train/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # aux-loss-free balancing: bias updates happen outside forward, after the optimiser step
+        layers = None
+        for key, out in self._last_moe.items():
+            layers = layers or self.backbone.moe_layers()
+            layer = layers.get(key.split("/", 1)[1])
+            if isinstance(layer, MHMoE) and layer.config.balancing == "aux_free":
+                layer.update_balancing(out)
+        self._last_moe = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self.activation_stats.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.activation_stats.reset()
