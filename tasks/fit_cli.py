@@ -1,0 +1,331 @@
+"""``mmmoe fit | validate | test``: LightningCLI over YAML configs.
+
+    mmmoe fit --config configs/pretrain/tiny.yaml
+    mmmoe fit --config configs/pretrain/tiny.yaml --config configs/model/smoe.yaml --config configs/trainer/cpu.yaml
+    mmmoe fit --config configs/pretrain/tiny.yaml --ckpt_path last        # resume
+    mmmoe fit --config configs/pretrain/tiny.yaml --trainer.max_steps 50 --data.init_args.batch_size 8
+    mmmoe fit --help ;  mmmoe fit --model.help tasks.pretrain.PretrainModule
+
+The CLI runs in subclass mode: ``model:`` and ``data:`` take ``class_path`` + ``init_args`` (any
+``tasks.base.MMMoEModule`` subclass and any LightningDataModule); ``trainer:`` takes the options of
+``pytorch_lightning.Trainer``. Several ``--config`` files are merged in order, so a model or
+trainer fragment (``configs/model/*.yaml``, ``configs/trainer/*.yaml``) overrides what the
+base config says. What this CLI adds to the stock LightningCLI:
+
+* ``trainer.precision: auto`` (the default): ``bf16-mixed`` when the run uses a CUDA GPU that
+  supports bfloat16 (``16-mixed`` on older GPUs), ``32-true`` otherwise (CPU, MPS).
+  ``MMMoETrainer`` resolves it before the Trainer is built; any explicit precision is kept.
+* ``tasks.fit_cli.ModelCheckpoint`` (used by the configs) also saves ``last.ckpt`` at the end of
+  training, so ``--ckpt_path last`` resumes from the final step.
+* Checkpoints are written atomically and loaded weights-only: ``tasks.base.AtomicCheckpointIO``
+  is added as the checkpoint plugin unless the config names another CheckpointIO plugin.
+* ``builtin_data`` (default ``data/synth``): configured model/data paths under that folder which
+  do not exist yet are generated before anything is built (the built-in dataset of
+  ``mmmoe data synth``, its tokenizer ``tokenizer.model``, and the held-out image-text set
+  ``shards/pretrain-image-text-val``). Set it to null to switch this off.
+* No ``--optimizer`` / ``--lr_scheduler`` options: the modules configure AdamW with warmup +
+  cosine themselves (``lr``, ``weight_decay``, ``warmup_steps`` ... under ``model.init_args``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Literal, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
+from pytorch_lightning.callbacks import ProgressBar
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from tasks.base import AtomicCheckpointIO, MMMoEModule
+
+BUILTIN_ROOT = "data/synth"
+#: what ``mmmoe data synth --out DIR`` uses when run without options
+BUILTIN_PARAMS = dict(num_images=300, seed=0, image_size=96)
+BUILTIN_VOCAB_SIZE = 1000
+TOKENIZER_NAME = "tokenizer.model"
+VAL_IMAGE_TEXT = "pretrain-image-text-val"
+#: paths in example configs (configs/pretrain/base.yaml) that the user must replace
+PLACEHOLDER = "/path/to/"
+
+
+# ------------------------------------------------------------------------------ precision
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
+    """``"auto"`` -> ``"bf16-mixed"`` on a CUDA GPU with bfloat16 (``"16-mixed"`` without),
+    ``"32-true"`` on anything else. Other values are returned unchanged."""
+    if precision != "auto":
+        return precision
+    if isinstance(accelerator, str):
+        name = accelerator.lower()
+    else:  # an Accelerator object
+        name = "cuda" if "cuda" in type(accelerator).__name__.lower() else "other"
+    if name in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class MMMoETrainer(pl.Trainer):
+    """``pytorch_lightning.Trainer`` with ``precision="auto"`` (see ``resolve_precision``) and
+    ``tasks.base.AtomicCheckpointIO`` as the default checkpoint plugin. Every other argument is
+    the Trainer's."""
+
+    def __init__(
+        self,
+        *args: Any,
+        precision: Optional[Union[_PRECISION_INPUT, Literal["auto"]]] = "auto",
+        plugins: Optional[Any] = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            precision: ``auto`` (bf16-mixed on CUDA GPUs, 32-true otherwise) or any Trainer precision.
+            plugins: Trainer plugins; an AtomicCheckpointIO is added unless one CheckpointIO is given.
+
+        With ``enable_progress_bar=False`` progress-bar callbacks in ``callbacks`` are dropped.
+        """
+        resolved = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+        callbacks = kwargs.get("callbacks")
+        if kwargs.get("enable_progress_bar") is False and callbacks:
+            # so that --trainer.enable_progress_bar false works with a config that lists a progress bar
+            callbacks = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        super().__init__(*args, precision=resolved, plugins=with_atomic_checkpoints(plugins), **kwargs)
+
+
+def with_atomic_checkpoints(plugins: Any) -> List[Any]:
+    """``plugins`` as a list, with an ``AtomicCheckpointIO`` appended when it holds no CheckpointIO."""
+    if plugins is None:
+        plugins = []
+    elif not isinstance(plugins, (list, tuple)):
+        plugins = [plugins]
+    plugins = list(plugins)
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint; with ``save_last`` it also writes ``last.ckpt`` at the final
+    step when training stops between two periodic saves. (The stock callback writes it at the end
+    only when it has never saved before, so ``--ckpt_path last`` would go back to the last
+    periodic save.) At ``max_steps`` the save happens in the last batch's hook, where a periodic
+    save would, so a resumed run continues the logged step count exactly; other stops (max_epochs,
+    max_time, early stopping) save when training ends."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save_last_now(trainer)
+
+    def _save_last_now(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# ------------------------------------------------------------------------------ built-in data
+class MissingDataError(FileNotFoundError):
+    """A configured path under the built-in data folder that cannot be generated."""
+
+
+def _strings(obj: Any) -> Iterable[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+    elif hasattr(obj, "items"):  # a jsonargparse Namespace
+        for _, v in obj.items():
+            yield from _strings(v)
+
+
+def _first_path(s: str) -> str:
+    """A brace pattern's first expansion (``x-{000000..000003}.tar`` -> ``x-000000.tar``)."""
+    if "{" not in s:
+        return s
+    from webdataset.shardlists import expand_urls
+
+    return next(iter(expand_urls(s)), s)
+
+
+def _under(path: str, root: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+        return True
+    except ValueError:
+        return False
+
+
+def missing_builtin_paths(values: Any, root: Union[str, os.PathLike]) -> List[str]:
+    """The strings inside ``values`` (nested dicts/lists/namespaces) that name a path under
+    ``root`` which does not exist."""
+    root = Path(root)
+    out = []
+    for s in _strings(values):
+        if "://" in s or not s.strip():
+            continue
+        for part in s.split("::"):
+            if _under(part, root) and not Path(_first_path(part)).exists():
+                out.append(part)
+    return sorted(set(out))
+
+
+def _is_rank_zero() -> bool:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "0") not in ("", "0"):
+            return False
+    return True
+
+
+def prepare_builtin_data(
+    values: Any,
+    root: Union[str, os.PathLike] = BUILTIN_ROOT,
+    log: Callable[[str], None] = print,
+    wait_s: float = 1800.0,
+    vocab_size: int = BUILTIN_VOCAB_SIZE,
+    **builtin_params: Any,
+) -> List[str]:
+    """Make the configured paths under ``root`` that are missing: the built-in dataset
+    (``data_pipelines.builtin.make_builtin_dataset``, parameters as ``mmmoe data synth``), the
+    tokenizer ``root/tokenizer.model`` (``train_tokenizer`` on ``root/text`` and
+    ``root/text/multilingual``, ``vocab_size`` 1000) and the held-out image-text shard set
+    ``root/shards/pretrain-image-text-val`` (Karpathy val split). Prints what it does and returns
+    the paths it made. ``builtin_params`` (num_images, seed, image_size, shard_size) go to
+    make_builtin_dataset. Only rank 0 writes; other ranks wait for the files.
+
+    Raises MissingDataError (a FileNotFoundError) naming the paths that are still missing afterwards (a path under
+    ``root`` that none of these produce, e.g. a typo)."""
+    root = Path(root)
+    missing = missing_builtin_paths(values, root)
+    if not missing:
+        return []
+    if not _is_rank_zero():
+        deadline = time.monotonic() + wait_s
+        while missing_builtin_paths(values, root):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {wait_s:.0f}s for rank 0 to make {missing}")
+            time.sleep(2.0)
+        time.sleep(2.0)
+        return []
+    params = {**BUILTIN_PARAMS, **builtin_params}
+    shards = root / "shards"
+    tok = root / TOKENIZER_NAME
+    val_prefix = str(shards / VAL_IMAGE_TEXT)
+    needs_tok = any(os.path.abspath(p) == os.path.abspath(tok) for p in missing)
+    needs_val = any(os.path.abspath(p).startswith(os.path.abspath(val_prefix)) for p in missing)
+    log(f"mmmoe: missing under {root}: {', '.join(missing)}")
+    others = [p for p in missing if os.path.abspath(p) != os.path.abspath(tok)
+              and not os.path.abspath(p).startswith(os.path.abspath(val_prefix))]
+    index_path = shards / "index.json"
+    index = None
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            index = None
+    if index is None:  # never made (or a broken index): make it
+        remake = bool(others) or needs_val or needs_tok
+    else:  # made: only remake when a shard set of its own went missing, with its own parameters
+        params = {**params, **{k: v for k, v in index.get("params", {}).items() if k in params or k == "shard_size"}}
+        own = [os.path.abspath(d.get("manifest", "")) for d in index.get("datasets", {}).values()]
+        remake = any(os.path.abspath(p) in own for p in others)
+    if remake:
+        from data_pipelines.builtin import make_builtin_dataset
+
+        log(f"mmmoe: making the built-in dataset in {root} (as 'mmmoe data synth --out {root}': "
+            f"{params['num_images']} images, seed {params['seed']}, image size {params['image_size']})")
+        make_builtin_dataset(root, **params)
+    if needs_tok:
+        from data_pipelines.tokenizer import train_tokenizer
+
+        inputs = [root / "text"] + ([root / "text" / "multilingual"] if (root / "text" / "multilingual").is_dir() else [])
+        log(f"mmmoe: training the tokenizer {tok} on {', '.join(map(str, inputs))} (vocabulary {vocab_size})")
+        train_tokenizer(inputs, root / "tokenizer", vocab_size=vocab_size)
+    if needs_val:
+        from data_pipelines.shards import write_karpathy_shards
+
+        log(f"mmmoe: writing the held-out image-text shards {val_prefix}-*.tar (Karpathy val split)")
+        write_karpathy_shards(root / "coco" / "dataset_coco.json", root / "coco", shards, splits=("val",),
+                              kind="image_text", prefix=VAL_IMAGE_TEXT)
+    still = missing_builtin_paths(values, root)
+    if still:
+        raise MissingDataError(
+            f"configured path(s) {still} do not exist and are not part of the built-in dataset in {root} "
+            f"(its shard sets are listed in {shards / 'index.json'})"
+        )
+    return missing
+
+
+# ------------------------------------------------------------------------------ the CLI
+class MMMoECLI(LightningCLI):
+    """LightningCLI in subclass mode with ``MMMoETrainer`` and the ``builtin_data`` option."""
+
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            model_class=MMMoEModule,
+            datamodule_class=pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_class=MMMoETrainer,
+            auto_configure_optimizers=False,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # the stock method warns whenever sys.argv is also set, which the mmmoe entry point always does
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--builtin_data", type=Optional[str], default=BUILTIN_ROOT,
+            help="Folder of the built-in dataset: configured model/data paths under it that are missing "
+            "(shard manifests, tokenizer.model) are generated first. null switches this off.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        values = {"model": cfg.get("model"), "data": cfg.get("data")}
+        placeholders = sorted({v for v in _strings(values) if PLACEHOLDER in v})
+        if placeholders:
+            raise MissingDataError(
+                f"the config still has placeholder paths {placeholders}: replace them with your shard manifests / "
+                "tokenizer (see the comments at the top of the config, or override with --data.init_args.<name>)"
+            )
+        root = cfg.get("builtin_data")
+        if root:
+            prepare_builtin_data(values, root)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``<fit|validate|test|predict> ...`` (argv starts with the subcommand); ``mmmoe fit``
+    and ``python -m tasks.fit_cli fit`` (e.g. under torchrun) both end here."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        MMMoECLI(args=args)
+    except MissingDataError as exc:
+        print(f"mmmoe {args[0] if args else ''}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
