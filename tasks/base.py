@@ -270,9 +270,11 @@ class MMMoEModule(pl.LightningModule):
             act = torch.stack([o.activation_ratio.float() for o in out.moe.values()]).mean()
             div = torch.stack([o.divergence.float() for o in out.moe.values()]).mean()
             stage = "train" if self.training else "val"
-            self.log(f"{stage}/moe_aux_loss", out.aux_loss.detach(), batch_size=batch_size)
-            self.log(f"{stage}/expert_activation", act, batch_size=batch_size)
-            self.log(f"{stage}/sub_token_divergence", div, batch_size=batch_size)
+            # one key per forward kind (a pretraining step runs image-text, image and text forwards)
+            tag = f"{stage}/{prefix}" if prefix else stage
+            self.log(f"{tag}/moe_aux_loss", out.aux_loss.detach(), batch_size=batch_size)
+            self.log(f"{tag}/expert_activation", act, batch_size=batch_size)
+            self.log(f"{tag}/sub_token_divergence", div, batch_size=batch_size)
             if self.training and self.global_step % 10 == 0:
                 for k, o in out.moe.items():
                     self.log(f"activation/{prefix}/{k}", o.activation_ratio.float(), batch_size=batch_size)
@@ -283,6 +285,8 @@ class MMMoEModule(pl.LightningModule):
         self._step_start = time.perf_counter()
 
     def log_throughput(self, tokens: int) -> None:
+        """Log ``train/tokens_per_s`` for ``tokens`` processed since the batch started; call it
+        after backward (e.g. from ``on_train_batch_end``) to time the whole step."""
         if self._step_start is not None:
             dt = time.perf_counter() - self._step_start
             if dt > 0:
