@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,14 +42,28 @@ def block_mask(
 ) -> torch.Tensor:
     """Block-wise mask of an H x W patch grid; returns a bool tensor (H, W), True = masked.
 
-    1. Place rectangles: area uniform in [min_block, remaining], aspect ratio log-uniform in
-       ``aspect``, sides rounded up (so every rectangle covers >= min_block patches), random
+    1. Place rectangles: area uniform in [min_block, remaining], aspect ratio (height / width)
+       log-uniform in ``aspect``, sides rounded up (so every rectangle covers >= min_block
+       patches; one whose rounded sides leave ``aspect`` counts as a failed try), random
        position. A rectangle is kept when it masks at least one new patch and no more than
        the remaining budget; after ``10`` failed tries in a row the placement stops.
     2. Top up: the patches still missing are taken from the unmasked neighbours of the masked
        region (random order), so the blobs grow instead of scattering single patches.
     The count is always exactly ``round(mask_ratio * H * W)``.
     """
+    return block_mask_and_blocks(num_patches_h, num_patches_w, mask_ratio, min_block, aspect, generator)[0]
+
+
+def block_mask_and_blocks(
+    num_patches_h: int,
+    num_patches_w: int,
+    mask_ratio: float = IMAGE_MASK_RATIO,
+    min_block: int = MIN_BLOCK_PATCHES,
+    aspect: Tuple[float, float] = BLOCK_ASPECT,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, List[Tuple[int, int, int, int]]]:
+    """``block_mask`` plus the rectangles it placed, as (top, left, height, width); the top-up
+    patches are the mask minus the union of the rectangles."""
     if num_patches_h <= 0 or num_patches_w <= 0:
         raise ValueError(f"patch grid must be positive, got {num_patches_h} x {num_patches_w}")
     if not 0.0 <= mask_ratio <= 1.0:
@@ -64,9 +78,9 @@ def block_mask(
     target = int(round(mask_ratio * N))
     mask_HW = np.zeros((H, W), dtype=bool)
     if target == 0:
-        return torch.from_numpy(mask_HW)
+        return torch.from_numpy(mask_HW), []
     if target == N:
-        return torch.ones(H, W, dtype=torch.bool)
+        return torch.ones(H, W, dtype=torch.bool), [(0, 0, H, W)]
 
     # One draw from the generator per call: uniforms for the placement tries, and a score per
     # patch that orders the top-up. Python floats keep the loop cheap (~tens of microseconds).
@@ -77,6 +91,7 @@ def block_mask(
 
     log_lo, log_hi = math.log(lo), math.log(hi)
     count, failures = 0, 0
+    blocks: List[Tuple[int, int, int, int]] = []
     for ua, ur, ut, ul in tries_U4:
         remaining = target - count
         if remaining < min_block or failures >= _ATTEMPTS_PER_BLOCK:
@@ -85,7 +100,7 @@ def block_mask(
         ratio = math.exp(log_lo + ur * (log_hi - log_lo))
         h = math.ceil(math.sqrt(area * ratio))
         w = math.ceil(math.sqrt(area / ratio))
-        if h > H or w > W:
+        if h > H or w > W or not lo <= h / w <= hi:
             failures += 1
             continue
         top = int(ut * (H - h + 1))
@@ -94,6 +109,7 @@ def block_mask(
         new = h * w - int(window.sum())
         if 0 < new <= remaining:
             window[...] = True
+            blocks.append((top, left, h, w))
             count += new
             failures = 0
         else:
@@ -103,7 +119,7 @@ def block_mask(
         _grow(mask_HW, target - count, score_HW)
     elif count > target:  # cannot happen with the rule above; kept so the contract never breaks
         _trim(mask_HW, count - target, score_HW)
-    return torch.from_numpy(mask_HW)
+    return torch.from_numpy(mask_HW), blocks
 
 
 def _grow(mask_HW: np.ndarray, need: int, score_HW: np.ndarray) -> None:

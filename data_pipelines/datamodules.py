@@ -1,0 +1,371 @@
+"""One LightningDataModule per task, each a thin shell around the readers in ``wds.py``.
+
+A data module takes shard sets (brace patterns, ``<prefix>.manifest.json`` paths, or lists of
+either; see ``schema.py``), a tokenizer (a
+``data_pipelines.tokenizer.Tokenizer`` or the path of its model file), batch size, workers and
+image size; ``setup()`` builds the pipelines, the ``*_dataloader()`` methods wrap them in
+``EpochLoader`` (batch_size=None: batching happens in the pipeline).
+
+Images: float32, ImageNet-normalised (B, 3, H, W) by default. ``normalize=False`` hands over
+uint8 images instead (a quarter of the bytes to allocate in shared memory, to pass from the
+workers and to copy to the GPU; with DataLoader workers it is the faster setting in
+``scripts/benchmark_data.py``); the model then calls ``data_pipelines.wds.normalize_images(batch)``,
+e.g. in ``on_after_batch_transfer``, which gives the same float32 tensors on the device.
+
+Skipped samples: each loader logs one summary line per reader at the end of every complete pass
+(epoch); ``skip_report()`` returns the counts of the epochs closed since its previous call; add
+``SkipReportCallback()`` to the Trainer to log them as metrics ``skipped/<reader>/<kind>`` at the
+end of every train and validation epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import CombinedLoader
+
+from . import wds as readers
+from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RATIO
+
+Urls = Union[str, Sequence[str]]
+TextUrls = Union[Urls, Mapping[str, Urls]]
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as is, or a SentencePiece model path loaded with data_pipelines.tokenizer."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from .tokenizer import Tokenizer
+
+        return Tokenizer(tokenizer)
+    return tokenizer
+
+
+def load_answer_vocab(answer_vocab: Union[str, Mapping[str, int], Sequence[str]]) -> Dict[str, int]:
+    """{answer: index} from a mapping, a list of answers (index = position) or a JSON file of either."""
+    if isinstance(answer_vocab, str):
+        with open(answer_vocab, encoding="utf-8") as f:
+            answer_vocab = json.load(f)
+    if isinstance(answer_vocab, Mapping):
+        return {str(a): int(i) for a, i in answer_vocab.items()}
+    return {str(a): i for i, a in enumerate(answer_vocab)}
+
+
+class ReaderDataModule(pl.LightningDataModule):
+    """What the task data modules share: loaders, skip reports."""
+
+    def __init__(self, num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = False):
+        super().__init__()
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.pipelines: Dict[str, readers.Pipeline] = {}
+        self._reported: Dict[str, int] = {}  # reader name -> len(skips.history) at the last skip_report
+
+    def _loader(self, name: str) -> Optional[readers.EpochLoader]:
+        pipe = self.pipelines.get(name)
+        if pipe is None:
+            return None
+        return readers.make_loader(pipe, self.num_workers, self.pin_memory, self.persistent_workers)
+
+    def skip_report(self, prefix: Optional[str] = None) -> Dict[str, Dict[str, int]]:
+        """{reader name: {kind: count}} for the readers whose name starts with ``prefix`` (all
+        when None): the skips of the epochs closed since the previous call (a loader closes one
+        at the end of each complete pass), or, when no pass ended since then (an epoch cut short
+        by ``limit_*_batches`` / ``max_steps``), the skips so far, which closes that epoch."""
+        out = {}
+        for name, pipe in self.pipelines.items():
+            if prefix is not None and not name.startswith(prefix):
+                continue
+            skips = pipe.skips
+            seen = self._reported.get(name, 0)
+            if len(skips.history) == seen:
+                skips.report()
+            totals = {kind: 0 for kind in readers.SKIP_KINDS}
+            for counts in skips.history[seen:]:
+                for kind, n in counts.items():
+                    totals[kind] += n
+            self._reported[name] = len(skips.history)
+            out[name] = totals
+        return out
+
+
+class SkipReportCallback(pl.Callback):
+    """Logs the data module's skip counts as ``skipped/<reader>/<kind>`` (summed over ranks) at
+    the end of every train and validation epoch."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, pl_module: pl.LightningModule, prefix: str) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, ReaderDataModule):
+            return
+        metrics = {
+            f"skipped/{name}/{kind}": float(n)
+            for name, counts in dm.skip_report(prefix).items()
+            for kind, n in counts.items()
+        }
+        if metrics:
+            pl_module.log_dict(metrics, reduce_fx="sum", sync_dist=True)
+
+
+class PretrainDataModule(ReaderDataModule):
+    """Masked image-text pretraining: each training step gets ``{"image_text": batch, "image":
+    batch, "text": batch}`` (the kinds that have shards; BEiT-3 uses equal shares). By default
+    the readers resample shards forever and ``epoch_samples`` sets the epoch length, so every
+    rank gets the same number of steps; ``resampled=False`` reads each sample once per epoch
+    (CombinedLoader ``mode`` then decides what happens when one kind runs out; default
+    "max_size_cycle" there, "min_size" for resampled readers, see ``combined_mode``)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_text: Optional[Urls] = None,
+        image: Optional[Urls] = None,
+        text: Optional[TextUrls] = None,
+        val_image_text: Optional[Urls] = None,
+        batch_size: int = 32,
+        image_size: int = 224,
+        patch_size: int = 16,
+        max_len: int = 64,
+        text_max_len: int = 128,
+        image_mask_ratio: float = IMAGE_MASK_RATIO,
+        image_text_mlm_ratio: float = IMAGE_TEXT_MASK_RATIO,
+        text_mlm_ratio: float = TEXT_ONLY_MASK_RATIO,
+        language_alpha: float = 0.5,
+        resampled: bool = True,
+        epoch_samples: Optional[int] = 100_000,
+        mode: Optional[str] = None,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        normalize: bool = True,
+    ):
+        super().__init__(num_workers, pin_memory, persistent_workers)
+        if image_text is None and image is None and text is None:
+            raise ValueError("PretrainDataModule needs at least one of image_text, image, text")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.pipelines:  # setup() runs once per fit / validate / test call: keep the readers
+            return
+        h = self.hparams
+        tok = self.tokenizer = load_tokenizer(self.tokenizer)
+        epoch = h.epoch_samples if h.resampled else None
+        common = dict(batch_size=h.batch_size, resampled=h.resampled, epoch_samples=epoch, shuffle_buffer=h.shuffle_buffer)
+        if h.image_text is not None:
+            self.pipelines["train/image_text"] = readers.image_text_pipeline(
+                h.image_text, tok, image_size=h.image_size, train=True, max_len=h.max_len, patch_size=h.patch_size,
+                image_mask_ratio=h.image_mask_ratio, mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, **common,
+            )
+        if h.image is not None:
+            self.pipelines["train/image"] = readers.image_pipeline(
+                h.image, image_size=h.image_size, train=True, patch_size=h.patch_size,
+                image_mask_ratio=h.image_mask_ratio, normalize=h.normalize, **common,
+            )
+        if h.text is not None:
+            self.pipelines["train/text"] = readers.text_pipeline(
+                h.text, tok, train=True, max_len=h.text_max_len, mlm_ratio=h.text_mlm_ratio,
+                alpha=h.language_alpha, **common,
+            )
+        if h.val_image_text is not None:
+            self.pipelines["val/image_text"] = readers.image_text_pipeline(
+                h.val_image_text, tok, image_size=h.image_size, train=False, batch_size=h.batch_size,
+                max_len=h.max_len, patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio,
+                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize,
+            )
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {name.split("/", 1)[1]: self._loader(name) for name in self.pipelines if name.startswith("train/")}
+        return CombinedLoader(loaders, mode=self.combined_mode)
+
+    @property
+    def combined_mode(self) -> str:
+        """``mode`` when set; else "min_size" for resampled readers (their passes have the same
+        length, and min_size ends the epoch without restarting the others, as max_size_cycle
+        would) and "max_size_cycle" for epoch readers."""
+        if self.hparams.mode is not None:
+            return self.hparams.mode
+        return "min_size" if self.hparams.resampled else "max_size_cycle"
+
+    def val_dataloader(self) -> List[readers.EpochLoader]:
+        loader = self._loader("val/image_text")
+        return [] if loader is None else loader
+
+
+class _TaskDataModule(ReaderDataModule):
+    """train / val / test shard sets of one task reader."""
+
+    def __init__(
+        self,
+        train: Optional[Urls],
+        val: Optional[Urls],
+        test: Optional[Urls],
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+    ):
+        super().__init__(num_workers, pin_memory, persistent_workers)
+        self.splits = {"train": train, "val": val, "test": test}
+
+    def _build(self, urls: Urls, split: str) -> readers.Pipeline:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.tokenizer = load_tokenizer(self.tokenizer)
+        for split, urls in self.splits.items():
+            if urls is not None and split not in self.pipelines:
+                self.pipelines[split] = self._build(urls, split)
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    # (no ``loader or []``: the truth value of a DataLoader asks the iterable pipeline for a len())
+    def val_dataloader(self):
+        loader = self._loader("val")
+        return [] if loader is None else loader
+
+    def test_dataloader(self):
+        loader = self._loader("test")
+        return [] if loader is None else loader
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+
+class VQADataModule(_TaskDataModule):
+    """VQAv2: soft-score targets over ``answer_vocab`` (a mapping, a list, or a JSON file of
+    either). The test split carries no answers (``test_with_answers=False``)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        answer_vocab: Union[str, Mapping[str, int], Sequence[str]],
+        train: Optional[Urls] = None,
+        val: Optional[Urls] = None,
+        test: Optional[Urls] = None,
+        test_with_answers: bool = False,
+        batch_size: int = 32,
+        image_size: int = 384,
+        max_len: int = 64,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        normalize: bool = True,
+    ):
+        super().__init__(train, val, test, num_workers, pin_memory, persistent_workers)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+        self.answer_vocab = load_answer_vocab(answer_vocab)
+
+    def _build(self, urls: Urls, split: str) -> readers.Pipeline:
+        h = self.hparams
+        with_answers = split != "test" or h.test_with_answers
+        return readers.vqa_pipeline(
+            urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train",
+            batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,
+            normalize=h.normalize,
+        )
+
+
+class NLVR2DataModule(_TaskDataModule):
+    """NLVR2: two images and a statement, a true/false label."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: Optional[Urls] = None,
+        val: Optional[Urls] = None,
+        test: Optional[Urls] = None,
+        batch_size: int = 32,
+        image_size: int = 384,
+        max_len: int = 64,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        normalize: bool = True,
+    ):
+        super().__init__(train, val, test, num_workers, pin_memory, persistent_workers)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+
+    def _build(self, urls: Urls, split: str) -> readers.Pipeline:
+        h = self.hparams
+        return readers.nlvr2_pipeline(
+            urls, self.tokenizer, image_size=h.image_size, train=split == "train", batch_size=h.batch_size,
+            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
+        )
+
+
+class CaptionDataModule(_TaskDataModule):
+    """COCO captioning (Karpathy splits): train on a random reference per image per visit."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: Optional[Urls] = None,
+        val: Optional[Urls] = None,
+        test: Optional[Urls] = None,
+        batch_size: int = 32,
+        image_size: int = 384,
+        max_len: int = 32,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        normalize: bool = True,
+    ):
+        super().__init__(train, val, test, num_workers, pin_memory, persistent_workers)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+
+    def _build(self, urls: Urls, split: str) -> readers.Pipeline:
+        h = self.hparams
+        return readers.caption_pipeline(
+            urls, self.tokenizer, image_size=h.image_size, train=split == "train", batch_size=h.batch_size,
+            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
+        )
+
+
+class TextDataModule(_TaskDataModule):
+    """Text-only LM data, one shard set per language (or one set): masked LM with ``mlm_ratio``,
+    causal LM with ``mlm_ratio=None``. Languages are sampled by ``weights`` or p ~ n ** alpha."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        train: Optional[TextUrls] = None,
+        val: Optional[TextUrls] = None,
+        test: Optional[TextUrls] = None,
+        mlm_ratio: Optional[float] = None,
+        weights: Optional[Dict[str, float]] = None,
+        alpha: float = 0.5,
+        batch_size: int = 32,
+        max_len: int = 256,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+    ):
+        super().__init__(train, val, test, num_workers, pin_memory, persistent_workers)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer = tokenizer
+
+    def _build(self, urls: TextUrls, split: str) -> readers.Pipeline:
+        h = self.hparams
+        return readers.text_pipeline(
+            urls, self.tokenizer, train=split == "train", batch_size=h.batch_size, max_len=h.max_len, mlm_ratio=h.mlm_ratio,
+            weights=h.weights, alpha=h.alpha, shuffle_buffer=h.shuffle_buffer,
+        )
