@@ -1,0 +1,432 @@
+"""Language modelling on the backbone's language way: English causal LM and multilingual masked LM.
+
+Both read text-only batches from ``TextDataModule`` (``text_ids`` = ``[bos] + tokens + [eos]``
+right-padded, ``text_pad_mask`` True at padding, ``lang`` per sample) and score tokens with a
+``TokenHead`` (tied to the token embedding by default).
+
+* ``CausalLMModule`` (data with ``mlm_ratio=None``): ``attn_mode="prefix_causal"`` on text-only
+  input is a plain causal mask; every position predicts the next token (EOS included, padding
+  excluded). Perplexity = exp(total NLL / predicted tokens) over the split.
+* ``MaskedLMModule`` (data with ``mlm_ratio`` set, e.g. 0.15): bidirectional attention; the loss
+  and the perplexity are over the masked positions (``mlm_labels`` != -100), overall and per
+  language. The masks of the evaluated split are drawn with a fixed seed, so figures repeat.
+
+Baselines (``evaluate_split``, when the data module has a train split): a unigram model of the
+training targets with add-one smoothing over the vocabulary (next-token targets for the causal LM;
+every non-special token of the original training text, per language, for the masked LM), scored
+on exactly the same targets as the model.
+
+Sums of NLL and token counts are accumulated in float64 and summed over processes before the
+exponential, so the perplexity is the token-weighted one, not a mean of batch perplexities.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmmoe.generation import generate, strip_special
+from mmmoe.models import TokenHead
+from tasks.base import MMMoEModule
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask: the fixed mmmoe tokenizer layout
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def next_token_labels(ids_BL: Tensor, pad_BL: Optional[Tensor]) -> Tensor:
+    """Targets of positions 0 .. L-2: the following id, -100 where that id is padding."""
+    labels = ids_BL[:, 1:].clone()
+    if pad_BL is not None:
+        labels[pad_BL[:, 1:]] = IGNORE_INDEX
+    return labels
+
+
+def token_losses(
+    head: TokenHead, hidden_BLD: Tensor, labels_BL: Tensor, label_smoothing: float = 0.0
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Loss over the labelled positions only (the head runs on those, not on padding).
+
+    Returns ``(loss, nll_N, index_N)``: the mean training loss (with label smoothing), the plain
+    per-token NLL (no smoothing, detached, float) and the row of each scored token."""
+    sel_BL = labels_BL != IGNORE_INDEX
+    targets_N = labels_BL[sel_BL]
+    if targets_N.numel() == 0:
+        zero = hidden_BLD.sum() * 0.0
+        return zero, hidden_BLD.new_zeros(0, dtype=torch.float32), targets_N
+    logits_NV = head(hidden_BLD[sel_BL]).float()
+    loss = F.cross_entropy(logits_NV, targets_N, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        nll_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
+    rows_N = sel_BL.nonzero()[:, 0]
+    return loss, nll_N, rows_N
+
+
+class PerplexityMeter:
+    """Token-weighted NLL sums per group (language); ``perplexity()`` = exp(sum NLL / tokens)."""
+
+    def __init__(self) -> None:
+        self.nll: Dict[str, float] = defaultdict(float)
+        self.tokens: Dict[str, int] = defaultdict(int)
+
+    def update(self, nll_N: Tensor, groups_N: Optional[List[str]] = None) -> None:
+        """Add per-token NLLs; ``groups_N`` names the group of each token (None: one group)."""
+        if nll_N.numel() == 0:
+            return
+        nll_N = nll_N.detach().double()
+        if groups_N is None:
+            self.nll["all"] += float(nll_N.sum())
+            self.tokens["all"] += int(nll_N.numel())
+            return
+        names = sorted(set(groups_N))
+        gid = torch.tensor([names.index(g) for g in groups_N], device=nll_N.device)
+        sums = torch.zeros(len(names), dtype=torch.float64, device=nll_N.device).index_add_(0, gid, nll_N)
+        counts = torch.bincount(gid, minlength=len(names))
+        for i, name in enumerate(names):
+            self.nll[name] += float(sums[i])
+            self.tokens[name] += int(counts[i])
+
+    def merge_distributed(self) -> None:
+        """Sum the meters of every process (no-op without torch.distributed); groups may differ."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        parts: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (dict(self.nll), dict(self.tokens)))
+        self.reset()
+        for nll, tokens in parts:
+            for k in nll:
+                self.nll[k] += nll[k]
+                self.tokens[k] += tokens[k]
+
+    def total(self) -> Tuple[float, int]:
+        return sum(self.nll.values()), sum(self.tokens.values())
+
+    def perplexity(self, group: Optional[str] = None) -> float:
+        nll, n = self.total() if group is None else (self.nll[group], self.tokens[group])
+        return math.exp(nll / n) if n else float("nan")
+
+    def reset(self) -> None:
+        self.nll.clear()
+        self.tokens.clear()
+
+
+class UnigramCounts:
+    """Token frequencies (per group) for the add-one-smoothed unigram baseline."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.counts: Dict[str, Tensor] = {}
+
+    def update(self, targets_N: Tensor, groups_N: Optional[List[str]] = None) -> None:
+        targets_N = targets_N.detach().cpu()
+        if groups_N is None:
+            groups_N = ["all"] * targets_N.numel()
+        for g in set(groups_N):
+            sel = torch.tensor([x == g for x in groups_N], dtype=torch.bool)
+            c = torch.bincount(targets_N[sel], minlength=self.vocab_size)[: self.vocab_size].double()
+            self.counts[g] = self.counts.get(g, torch.zeros(self.vocab_size, dtype=torch.float64)) + c
+
+    def log_probs(self, group: str = "all") -> Tensor:
+        """Add-one smoothed log-probabilities (V,) of ``group`` (uniform for an unseen group)."""
+        c = self.counts.get(group, torch.zeros(self.vocab_size, dtype=torch.float64))
+        return ((c + 1.0) / (c.sum() + self.vocab_size)).log()
+
+    def nll(self, targets_N: Tensor, groups_N: Optional[List[str]] = None) -> Tensor:
+        """Per-token NLL of ``targets_N`` under the unigram of each token's group."""
+        targets_N = targets_N.cpu()
+        if groups_N is None:
+            return -self.log_probs("all")[targets_N]
+        out = torch.empty(targets_N.numel(), dtype=torch.float64)
+        for g in set(groups_N):
+            sel = torch.tensor([x == g for x in groups_N], dtype=torch.bool)
+            out[sel] = -self.log_probs(g)[targets_N[sel]]
+        return out
+
+
+def split_loader(datamodule: Any, split: str) -> Iterable[Dict[str, Any]]:
+    """The data module's ``split`` loader ("train", "val" or "test"), set up on first use."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    pipelines = getattr(datamodule, "pipelines", None)
+    if pipelines is not None and split not in pipelines:
+        datamodule.setup("fit" if split == "train" else "test" if split == "test" else "validate")
+    if callable(getattr(datamodule, "_loader", None)):  # mmmoe data modules: the loader or None
+        loader = datamodule._loader(split)
+    else:
+        loader = getattr(datamodule, f"{split}_dataloader")()
+    if loader is None or (isinstance(loader, (list, tuple)) and len(loader) == 0):
+        raise ValueError(f"{type(datamodule).__name__} has no {split!r} split: set data.init_args.{split} (its shards)")
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    return loader
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename (never a half-written result file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ the modules
+class _TextLMModule(MMMoEModule):
+    """What the causal and the masked LM share: the head, the step logic, the meters."""
+
+    TASK = "lm"
+    METRIC = "lm_perplexity"
+    PER_LANGUAGE = False
+
+    def _build_head(self, tie_embeddings: bool) -> None:
+        c = self.config
+        tied = self.backbone.text_embed.token_embed if tie_embeddings else None
+        self.head = TokenHead(c.dim, c.vocab_size, tied=tied, eps=c.norm_eps)
+        self.val_meter = PerplexityMeter()
+
+    def _forward(self, batch: Dict[str, Any]) -> Tuple[Any, Tensor, Tensor]:
+        """(backbone output, B x L' hidden states that predict, B x L' target ids or -100)."""
+        raise NotImplementedError
+
+    def _step(self, batch: Dict[str, Any]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+        out, hidden, labels = self._forward(batch)
+        loss, nll, rows = token_losses(self.head, hidden, labels, self.hparams.label_smoothing)
+        return loss, nll, rows, labels, out
+
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Tensor:
+        B = batch["text_ids"].shape[0]
+        loss, nll, rows, labels, out = self._step(batch)
+        aux = self.moe_loss_and_log(out, "text", B)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
+        if nll.numel():
+            self.log("train/perplexity", nll.mean().exp(), batch_size=B)
+        self.log_throughput(int((~batch["text_pad_mask"]).sum()) if "text_pad_mask" in batch else batch["text_ids"].numel())
+        return loss + aux
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self.val_meter.reset()
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        B = batch["text_ids"].shape[0]
+        loss, nll, rows, labels, out = self._step(batch)
+        self.moe_loss_and_log(out, "text", B)
+        self.log("val/loss", loss, batch_size=B, sync_dist=True)
+        self.val_meter.update(nll, self._groups(batch, rows))
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_meter.merge_distributed()
+        if self.val_meter.total()[1] == 0:
+            return
+        self.log("val/perplexity", self.val_meter.perplexity(), prog_bar=True, rank_zero_only=True)
+        if self.PER_LANGUAGE:
+            for lang in sorted(self.val_meter.nll):
+                self.log(f"val/perplexity_{lang}", self.val_meter.perplexity(lang), rank_zero_only=True)
+
+    # ------------------------------------------------------------------ evaluation protocol
+    def _targets_of(self, batch: Dict[str, Any]) -> Tensor:
+        """B x L' original target ids (-100 = not scored), as the loss sees them."""
+        raise NotImplementedError
+
+    def _groups(self, batch: Dict[str, Any], rows_N: Tensor) -> Optional[List[str]]:
+        """The language of every scored token (None when not per language)."""
+        if not self.PER_LANGUAGE:
+            return None
+        langs = batch.get("lang") or ["und"] * batch["text_ids"].shape[0]
+        return [langs[i] for i in rows_N.tolist()]
+
+    def _unigram(self, datamodule: Any) -> Optional[UnigramCounts]:
+        """Unigram counts of the training targets, or None without a train split."""
+        try:
+            loader = split_loader(datamodule, "train")
+        except ValueError:
+            return None
+        counts = UnigramCounts(self.config.vocab_size)
+        for batch in loader:
+            labels = self._unigram_targets(batch)
+            sel = labels != IGNORE_INDEX
+            counts.update(labels[sel], self._groups(batch, sel.nonzero()[:, 0]))
+        return counts
+
+    def _unigram_targets(self, batch: Dict[str, Any]) -> Tensor:
+        """The training tokens the unigram baseline counts (B x L', -100 = not counted)."""
+        return self._targets_of(batch)
+
+    @torch.no_grad()
+    def evaluate_split(self, datamodule: Any, split: str, out_dir: str, seed: int = 0) -> Dict[str, float]:
+        """Perplexity of the ``split`` data (and the unigram baseline): writes
+        ``<out_dir>/lm_metrics.json`` and returns the flat metrics dict (see the module doc)."""
+        loader = split_loader(datamodule, split)
+        was_training = self.training
+        self.eval()
+        meter, base = PerplexityMeter(), PerplexityMeter()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # the masks of the evaluated text are the same every run
+                unigram = self._unigram(datamodule)
+                torch.manual_seed(seed)
+                for batch in loader:
+                    batch = self.on_after_batch_transfer(to_device(batch, self.device), 0)
+                    _, nll, rows, labels, _ = self._step(batch)
+                    groups = self._groups(batch, rows)
+                    meter.update(nll, groups)
+                    if unigram is not None:
+                        targets = labels[labels != IGNORE_INDEX].cpu()  # the same order as nll
+                        base.update(unigram.nll(targets, groups), groups)
+        finally:
+            self.train(was_training)
+        metrics = self._metrics(meter, base if unigram is not None else None)
+        write_json(Path(out_dir) / "lm_metrics.json", {"task": self.TASK, "split": split, **metrics})
+        return metrics
+
+    def _metrics(self, meter: PerplexityMeter, base: Optional[PerplexityMeter]) -> Dict[str, float]:
+        prefix = self.METRIC.rsplit("_", 1)[0]  # "lm" / "mlm"
+        nll, n = meter.total()
+        if n == 0:
+            raise ValueError("the evaluated split has no scored tokens (empty shards?)")
+        m = {self.METRIC: math.exp(nll / n), f"{prefix}_nll": nll / n, f"{prefix}_tokens": float(n)}
+        if base is not None:
+            m[f"{prefix}_baseline_perplexity"] = base.perplexity()
+        if self.PER_LANGUAGE:
+            for lang in sorted(meter.nll):
+                m[f"{self.METRIC}_{lang}"] = meter.perplexity(lang)
+                if base is not None and lang in base.nll:
+                    m[f"{prefix}_baseline_perplexity_{lang}"] = base.perplexity(lang)
+        return m
+
+
+class CausalLMModule(_TextLMModule):
+    """English (or any) next-token language model on the language way.
+
+    Args (besides those of ``MMMoEModule``):
+        tie_embeddings: the output projection shares the token embedding.
+        label_smoothing: training loss smoothing (perplexities never use it).
+    Data: ``TextDataModule`` with ``mlm_ratio: null``.
+    """
+
+    TASK = "lm"
+    METRIC = "lm_perplexity"
+    PER_LANGUAGE = False
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        variant: Optional[str] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        tokenizer: Optional[str] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        init_from: Optional[str] = None,
+        tie_embeddings: bool = True,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
+                         min_lr_ratio, init_from)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self._build_head(tie_embeddings)
+        self._finish_init()
+
+    def _forward(self, batch: Dict[str, Any]) -> Tuple[Any, Tensor, Tensor]:
+        if "mlm_labels" in batch:
+            raise ValueError("CausalLMModule got masked-LM batches: use TextDataModule(mlm_ratio=None)")
+        ids, pad = batch["text_ids"], batch.get("text_pad_mask")
+        out = self.backbone(text_ids=ids, text_pad_mask=pad, attn_mode="prefix_causal")
+        return out, out.text_hidden[:, :-1], next_token_labels(ids, pad)
+
+    def _targets_of(self, batch: Dict[str, Any]) -> Tensor:
+        return next_token_labels(batch["text_ids"], batch.get("text_pad_mask"))
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str = "", max_len: int = 32, beam_size: int = 1, length_penalty: float = 0.6) -> str:
+        """Continue ``prompt`` (greedy or beam search with the KV cache) and return the new text."""
+        from data_pipelines.tokenizer import Tokenizer
+
+        if not self.hparams.tokenizer:
+            raise ValueError("generate_text needs the module's tokenizer path (init arg 'tokenizer')")
+        tok = Tokenizer(self.hparams.tokenizer)
+        ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=self.device)
+        max_len = min(max_len, self.config.max_text_len - ids.shape[1] + 1)
+        if max_len < 1:
+            raise ValueError(f"the prompt is {ids.shape[1]} tokens: no room left in max_text_len={self.config.max_text_len}")
+        was_training = self.training
+        self.eval()
+        try:
+            out = generate(self.backbone, self.head, prefix_ids=ids, beam_size=beam_size, max_len=max_len,
+                           length_penalty=length_penalty, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        finally:
+            self.train(was_training)
+        return tok.decode(strip_special(out.tokens, tok.eos_id, tok.pad_id)[0])
+
+
+class MaskedLMModule(_TextLMModule):
+    """Masked language model (XLM-R style) on the language way, perplexity per language.
+
+    Args as :class:`CausalLMModule`. Data: ``TextDataModule`` with ``mlm_ratio`` (0.15) and one
+    shard set per language (``train: {de: ..., en: ..., ...}``)."""
+
+    TASK = "mlm"
+    METRIC = "mlm_perplexity"
+    PER_LANGUAGE = True
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        variant: Optional[str] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        tokenizer: Optional[str] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: Tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.01,
+        init_from: Optional[str] = None,
+        tie_embeddings: bool = True,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
+                         min_lr_ratio, init_from)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self._build_head(tie_embeddings)
+        self._finish_init()
+
+    def _forward(self, batch: Dict[str, Any]) -> Tuple[Any, Tensor, Tensor]:
+        labels = self._targets_of(batch)
+        out = self.backbone(text_ids=batch["text_ids"], text_pad_mask=batch.get("text_pad_mask"))
+        return out, out.text_hidden, labels
+
+    def _targets_of(self, batch: Dict[str, Any]) -> Tensor:
+        if "mlm_labels" not in batch:
+            raise ValueError("MaskedLMModule needs masked batches: set TextDataModule(mlm_ratio=0.15)")
+        return batch["mlm_labels"]
+
+    def _unigram_targets(self, batch: Dict[str, Any]) -> Tensor:
+        # every maskable token of the original text (not only this pass's random masks): the
+        # counts then do not depend on the masking or the order of the training samples
+        labels = self._targets_of(batch)
+        original = torch.where(labels != IGNORE_INDEX, labels, batch["text_ids"])
+        maskable = original > max(SPECIAL_IDS)
+        return original.masked_fill(~maskable, IGNORE_INDEX)
