@@ -11,7 +11,8 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
     tar_to_samples read the tar stream (``tario``: checked headers, bounded member sizes), group
                    members by key; only the members the reader needs are read (anything else,
                    e.g. a ``.pyd`` / ``.pth`` pickle, is skipped unread)
-    wds.shuffle    sample shuffle buffer over the raw bytes (train only)
+    SeededShuffle  sample shuffle buffer over the raw bytes (train only), seeded by
+                   (seed, epoch, rank, worker)
     wds.map        our decode: image bytes -> PIL (JPEG draft) -> crop/resize -> uint8 array,
                    UTF-8 text -> token ids, JSON -> task fields. Nothing is ever unpickled:
                    webdataset's ``.decode()`` is not used anywhere.
@@ -797,8 +798,39 @@ def _reader_stages(
         stages = [EpochShardList(urls, seed=seed if train else None), split_by_node, split_by_worker]
     stages.append(tar_to_samples(handler=skips, keep=keep, required=required))
     if train and shuffle_buffer > 0:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        stages.append(SeededShuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     return stages
+
+
+class SeededShuffle:
+    """Sample shuffle buffer whose order depends only on (seed, epoch, rank, worker), so a run
+    repeats exactly with the same seed (webdataset's own shuffle seeds itself from pid and time).
+
+    The buffer fills to ``initial`` samples before the first one leaves, then grows towards
+    ``bufsize`` while emitting: each incoming sample swaps places with a random buffered one,
+    which is emitted."""
+
+    def __init__(self, bufsize: int, initial: int = 100, seed: int = 0):
+        self.bufsize, self.initial, self.seed = bufsize, max(1, min(initial, bufsize)), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        rank, _ = node_info()
+        worker, _ = worker_info()
+        rng = random.Random(f"shuffle/{self.seed}/{self.epoch}/{rank}/{worker}")
+        buf: List[Any] = []
+        for sample in src:
+            if len(buf) < self.initial or (len(buf) < self.bufsize and rng.random() < 0.5):
+                buf.append(sample)  # still filling (half the time once past ``initial``)
+                continue
+            i = rng.randrange(len(buf))
+            out, buf[i] = buf[i], sample
+            yield out
+        rng.shuffle(buf)
+        yield from buf
 
 
 def _batch_stages(collate: Collate, batch_size: int, epoch_batches: Optional[int]) -> List[Any]:

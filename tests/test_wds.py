@@ -508,3 +508,17 @@ def test_urls_from_patterns_lists_and_manifests(tmp_path):
     assert sorted(keys_of(pipe)) == sorted(k for k, _ in samples)
     with pytest.raises(ValueError, match="no shards"):
         W.EpochShardList([])
+
+
+def test_seeded_shuffle_repeats_per_seed_and_epoch_and_keeps_every_sample():
+    from data_pipelines.wds import SeededShuffle
+
+    def run(seed, epoch):
+        sh = SeededShuffle(50, initial=10, seed=seed)
+        sh.set_epoch(epoch)
+        return list(sh(iter(range(300))))
+
+    a = run(0, 0)
+    assert sorted(a) == list(range(300)) and a != list(range(300))
+    assert run(0, 0) == a
+    assert run(0, 1) != a and run(1, 0) != a
