@@ -4,8 +4,10 @@
 under ``out_dir/shards``, with the same writers users run on real COCO / VQAv2 / NLVR2 files:
 
     pretrain-image-text-*   Karpathy train + restval, one sample per (image, caption)
+    pretrain-image-text-val-*  Karpathy val, the same way (held out)
     pretrain-image-*        the train2014 images alone
-    pretrain-text-<lang>-*  text/multilingual/<lang>.txt, and pretrain-text-en from text/en.txt
+    pretrain-text-en-*      text/en.txt without its last 10% of lines; pretrain-text-en-val-* those
+    pretrain-text-ml-<lang>-*  text/multilingual/<lang>.txt likewise, and pretrain-text-ml-<lang>-val-*
     caption-<split>-*       Karpathy train / val / test, one sample per image with its captions
     vqa-<subtype>-*         VQAv2 train2014 / val2014 questions joined with their annotations
     nlvr2-<split>-*         NLVR2 train / dev / test1
@@ -24,6 +26,24 @@ from data_pipelines import shards as W
 from data_pipelines.synthetic import generate
 
 PathLike = Union[str, os.PathLike]
+
+
+TEXT_HELDOUT = 0.1
+"""Share of each text corpus's lines (the last ones) held out as ``<name>-val``."""
+
+
+def _split_lines(path: Path, stem: Path, heldout: float):
+    """Write the first (1 - heldout) of ``path``'s lines to ``<stem>.train.txt`` and the rest to
+    ``<stem>.val.txt``; return both paths."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    n_val = max(1, round(heldout * len(lines))) if len(lines) > 1 else 0
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    train, val = Path(f"{stem}.train.txt"), Path(f"{stem}.val.txt")
+    for target, part in ((train, lines[: len(lines) - n_val]), (val, lines[len(lines) - n_val:])):
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(part))
+        os.replace(tmp, target)
+    return train, val
 
 
 def make_builtin_dataset(
@@ -64,10 +84,14 @@ def make_builtin_dataset(
         coco_json, coco_root, sdir, splits=("train", "restval"), kind="image_text", prefix="pretrain-image-text", **common))
     add("pretrain-image", W.write_image_folder_shards(
         coco_root / "train2014", None, sdir, prefix="pretrain-image", **common))
-    add("pretrain-text-en", W.write_text_shards([out / "text" / "en.txt"], sdir, lang="en", prefix="pretrain-text-en", **common))
-    for f in sorted((out / "text" / "multilingual").glob("*.txt")):
-        name = f"pretrain-text-ml-{f.stem}"
-        add(name, W.write_text_shards([f], sdir, lang=f.stem, prefix=name, **common))
+    add("pretrain-image-text-val", W.write_karpathy_shards(
+        coco_json, coco_root, sdir, splits=("val",), kind="image_text", prefix="pretrain-image-text-val", **common))
+    texts = [("pretrain-text-en", out / "text" / "en.txt", "en")] + [
+        (f"pretrain-text-ml-{f.stem}", f, f.stem) for f in sorted((out / "text" / "multilingual").glob("*.txt"))]
+    for name, path, lang in texts:
+        train_txt, val_txt = _split_lines(path, sdir / "text-splits" / name, TEXT_HELDOUT)
+        add(name, W.write_text_shards([train_txt], sdir, lang=lang, prefix=name, **common))
+        add(f"{name}-val", W.write_text_shards([val_txt], sdir, lang=lang, prefix=f"{name}-val", **common))
     for split in ("train", "val", "test"):
         name = f"caption-{split}"
         add(name, W.write_karpathy_shards(coco_json, coco_root, sdir, splits=(split,), kind="caption", prefix=name, **common))

@@ -241,7 +241,9 @@ def prepare_builtin_data(
     else:  # made: only remake when a shard set of its own went missing, with its own parameters
         params = {**params, **{k: v for k, v in index.get("params", {}).items() if k in params or k == "shard_size"}}
         own = [os.path.abspath(d.get("manifest", "")) for d in index.get("datasets", {}).values()]
-        remake = any(os.path.abspath(p) in own for p in others)
+        # a shard set of the current built-in layout that this (older) dataset lacks also remakes it
+        remake = any(os.path.abspath(p) in own or (p.endswith(".manifest.json") and Path(p).parent == shards)
+                     for p in others)
     if remake:
         from data_pipelines.builtin import make_builtin_dataset
 
