@@ -302,6 +302,14 @@ class MMMoEModule(pl.LightningModule):
                 layer.update_balancing(out)
         self._last_moe = {}
 
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Store the tokenizer path absolute, so ``mmmoe evaluate`` / ``predict`` find it from any
+        working directory."""
+        hp = checkpoint.get("hyper_parameters")
+        tok = hp.get("tokenizer") if isinstance(hp, dict) else None
+        if isinstance(tok, str) and not os.path.isabs(tok) and os.path.exists(tok):
+            hp["tokenizer"] = os.path.abspath(tok)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 images (data modules built with ``normalize=False``, the fast path: 4x less to
         move and normalisation on the device) become normalised float32 here; float images pass."""
