@@ -51,7 +51,76 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     add_tokenizer_arguments(p)
 
 
-SUBCOMMANDS = [add_parity_parser, add_data_parser, add_tokenizer_parser]
+def add_score_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.score_cli import add_arguments
+
+    p = sub.add_parser(
+        "score",
+        help="Official metrics of a predictions file: VQA accuracy, NLVR2, COCO captions.",
+        description="Score predictions with the official benchmark metrics and print JSON: "
+        "'mmmoe score vqa' (VQA accuracy), 'mmmoe score nlvr2' (accuracy, consistency), "
+        "'mmmoe score caption' (BLEU, METEOR, ROUGE-L, CIDEr via pycocoevalcap).",
+    )
+    add_arguments(p)
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.evaluate_cli import add_evaluate_arguments, run_evaluate
+
+    p = sub.add_parser(
+        "evaluate",
+        help="Evaluate a fine-tuned checkpoint on a split: official result files + metrics.json.",
+        description="Rebuild the task module from CKPT (weights-only), build the data module from "
+        "the config's data: section, write the official result file(s) of the split into --out, "
+        "score them when the ground truth is known, and print the metrics (with the trivial "
+        "baseline of the task). Ground-truth files come from the config's model.init_args "
+        "(eval_questions / eval_annotations, eval_data, eval_coco ...) or the flags below.",
+    )
+    add_evaluate_arguments(p)
+    p.set_defaults(handler=run_evaluate)
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.evaluate_cli import add_predict_arguments, run_predict
+
+    p = sub.add_parser(
+        "predict",
+        help="Run a fine-tuned checkpoint on one image (vqa: --question; caption).",
+        description="Load a fine-tuned checkpoint (weights-only) and predict for one image file: "
+        "'mmmoe predict vqa --ckpt C --image I --question Q' prints the answer and the top-5 "
+        "answers with scores; other tasks print their predict_one result as JSON.",
+    )
+    add_predict_arguments(p)
+    p.set_defaults(handler=run_predict)
+
+
+def add_fit_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmmoe fit|validate|test``: everything after the subcommand goes to LightningCLI
+    (tasks/fit_cli.py), which is imported only when one of them runs."""
+
+    def handler(name: str) -> Handler:
+        def run(ns: argparse.Namespace) -> int:
+            from tasks.fit_cli import main as lightning_main
+
+            return lightning_main([name, *ns.lightning_args])
+
+        return run
+
+    for name, text in (
+        ("fit", "Train from a YAML config (LightningCLI): mmmoe fit --config configs/pretrain/tiny.yaml"),
+        ("validate", "Run the validation loop of a config / checkpoint (LightningCLI)."),
+        ("test", "Run the test loop of a config / checkpoint (LightningCLI)."),
+    ):
+        # prefix_chars that no argument uses: every option (--help included) reaches LightningCLI
+        p = sub.add_parser(name, help=text, description=text, add_help=False, prefix_chars="\x00")
+        p.add_argument("lightning_args", nargs=argparse.REMAINDER, help="LightningCLI arguments (see --help)")
+        p.set_defaults(handler=handler(name))
+
+
+SUBCOMMANDS = [
+    add_parity_parser, add_data_parser, add_tokenizer_parser, add_score_parser, add_evaluate_parser,
+    add_predict_parser, add_fit_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
