@@ -21,8 +21,9 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# make quickstart COMPARE=1 also trains dense and SMoE backbones at matched FLOPs
 quickstart: $(STAMP)
-	$(PY) scripts/quickstart.py
+	$(PY) scripts/quickstart.py $(if $(filter-out 0,$(COMPARE)),--compare,) $(QUICKSTART_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

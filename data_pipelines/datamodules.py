@@ -272,9 +272,12 @@ class VQADataModule(_TaskDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         h = self.hparams
         with_answers = split != "test" or h.test_with_answers
+        from tasks.metrics.vqa import normalize_answer  # the official normalisation (the vocabulary's form)
+
         return readers.vqa_pipeline(
             urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train",
             batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,
+            normalize_answer=normalize_answer,
             normalize=h.normalize,
         )
 

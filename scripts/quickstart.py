@@ -1,46 +1,358 @@
 #!/usr/bin/env python
-"""The quickstart, as far as the project goes today: the MH-MoE layer library.
+"""The main job, end to end on the built-in dataset: data -> tokenizer -> masked image-text
+pretraining of a tiny multiway MH-MoE -> VQA, NLVR2 and captioning fine-tuning from that checkpoint
+-> official metrics -> expert-activation heatmap -> results table.
 
-1. Solves the paper's parity example (Dense / SMoE / fine-grained / MH-MoE h=2, h=3).
-2. Checks an MH-MoE layer against the per-expert loop reference on a few tokens.
-3. Runs the layer benchmark at a small size and prints its table.
+Writes under --out (default runs/quickstart):
+    results.json                 headline numbers, baselines, expert activation, timings
+    activation_heatmap.png       expert activation ratio per MoE layer (rows) and expert (columns)
+    <variant>/pretrain.ckpt, <variant>/{vqa,nlvr2,caption}/   checkpoints, official result files,
+                                 metrics.json, CSV logs
+The dataset and tokenizer go to --data (default data/synth, the path the configs under configs/
+use), so `mmmoe fit --config configs/finetune/vqa.yaml` and friends find them afterwards.
 
-Pretraining, fine-tuning and evaluation join this script as they land (see the README).
+With --compare (make quickstart COMPARE=1) the dense and SMoE backbones of the same active FLOPs
+(mmmoe.models.registry variants, derived with the parity solver) go through the same data and
+steps, and the table shows them side by side.
+
+Each stage is the same code as the command-line tools; the equivalent commands are printed as the
+stages run. Runs on CPU in about 10 minutes with the defaults (2 cores), on a GPU when present.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import os
-import subprocess
 import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+VARIANT_LABELS = {"mhmoe-h2": "MH-MoE h=2", "mhmoe-h3": "MH-MoE h=3", "smoe": "SMoE", "fine-grained": "fine-grained",
+                  "dense": "dense"}
 
 
-def main() -> int:
+def _say(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+
+
+def make_trainer(root: Path, name: str, max_steps: int, args: argparse.Namespace):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger
+
+    from tasks.base import AtomicCheckpointIO
+    from tasks.fit_cli import resolve_precision
+
+    return pl.Trainer(
+        accelerator=args.accelerator, devices=1, precision=resolve_precision("auto", args.accelerator),
+        max_steps=max_steps, logger=CSVLogger(str(root), name=name, version=""), enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[TQDMProgressBar(refresh_rate=10)], gradient_clip_val=1.0,
+        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10, plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(root),
+    )
+
+
+# ---------------------------------------------------------------------------------------- stages
+def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
+    from data_pipelines.builtin import make_builtin_dataset
+    from data_pipelines.tokenizer import train_tokenizer
+
+    data = Path(args.data)
+    _say(f"built-in dataset -> {data}  (mmmoe data synth --out {data} --num-images {args.num_images} "
+         f"--seed {args.seed} --image-size {args.image_size})")
+    t0 = time.perf_counter()
+    index = make_builtin_dataset(data, num_images=args.num_images, seed=args.seed, image_size=args.image_size)
+    for name, d in index["datasets"].items():
+        if name.startswith(("caption-", "vqa-", "nlvr2-", "pretrain-image-text")):
+            _say(f"  {name:<22} {d['total']:>6} samples")
+    tok = data / "tokenizer.model"
+    stamp = data / "tokenizer.params.json"
+    params = {"vocab_size": args.vocab_size, "dataset": index["params"]}
+    if not tok.exists() or not stamp.exists() or json.loads(stamp.read_text()) != params:
+        _say(f"tokenizer -> {tok}  (mmmoe tokenizer train --input {data}/text {data}/text/multilingual "
+             f"--out {data}/tokenizer --vocab-size {args.vocab_size})")
+        train_tokenizer([data / "text", data / "text" / "multilingual"], data / "tokenizer", vocab_size=args.vocab_size)
+        stamp.write_text(json.dumps(params))
+    _say(f"data ready in {time.perf_counter() - t0:.1f}s")
+    s = data / "shards"
+    return {
+        "root": data, "tokenizer": tok, "shards": s, "coco": data / "coco" / "dataset_coco.json",
+        "vqa_train_ann": data / "vqav2" / "v2_mscoco_train2014_annotations.json",
+        "vqa_val_q": data / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json",
+        "vqa_val_ann": data / "vqav2" / "v2_mscoco_val2014_annotations.json",
+        "nlvr2_train": data / "nlvr2" / "train.json", "nlvr2_dev": data / "nlvr2" / "dev.json",
+    }
+
+
+def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Namespace) -> Path:
+    from data_pipelines.datamodules import PretrainDataModule
+    from tasks.pretrain import PretrainModule
+
+    s = paths["shards"]
+    _say(f"[{variant}] pretraining {args.pretrain_steps} steps  (mmmoe fit --config configs/pretrain/tiny.yaml "
+         f"--model.init_args.variant {variant} --trainer.max_steps {args.pretrain_steps})")
+    module = PretrainModule(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=args.pretrain_lr,
+                            warmup_steps=min(100, args.pretrain_steps // 10))
+    dm = PretrainDataModule(
+        tokenizer=str(paths["tokenizer"]), image_text=str(s / "pretrain-image-text.manifest.json"),
+        image=str(s / "pretrain-image.manifest.json"), text={"en": str(s / "pretrain-text-en.manifest.json")},
+        batch_size=args.batch_size, image_size=args.image_size_model, patch_size=16, max_len=40, text_max_len=40,
+        epoch_samples=args.batch_size * max(1, args.pretrain_steps), shuffle_buffer=500,
+        num_workers=args.workers, pin_memory=False,
+    )
+    trainer = make_trainer(out, "pretrain", args.pretrain_steps, args)
+    trainer.fit(module, datamodule=dm)
+    ckpt = out / "pretrain.ckpt"
+    trainer.save_checkpoint(str(ckpt), weights_only=True)
+    return ckpt
+
+
+def expert_activation(ckpt: Path, paths: Dict[str, Path], args: argparse.Namespace, batches: int = 8):
+    """Routing statistics of the pretrained backbone on held-out image-text pairs (no masking)."""
     import torch
 
-    from mmmoe.moe import MHMoE, MoEConfig
-    from mmmoe.moe.parity import format_parity_table, solve_parity
+    from data_pipelines import wds as readers
+    from data_pipelines.tokenizer import Tokenizer
+    from tasks.base import ExpertActivation
+    from tasks.evaluate_cli import load_task_module
 
-    print("== 1. Parity (d=768, SMoE 8 x 2048 top-1, SwiGLU; arXiv 2411.16205) ==")
-    print(format_parity_table(solve_parity(768, 8, 2048, top_k=1, activation="swiglu")))
+    module = load_task_module("tasks.pretrain.PretrainModule", ckpt).eval()
+    tok = Tokenizer(str(paths["tokenizer"]))
+    pipe = readers.caption_pipeline(str(paths["shards"] / "caption-val.manifest.json"), tok,
+                                    image_size=args.image_size_model, train=False, batch_size=args.batch_size,
+                                    max_len=40)
+    stats = ExpertActivation()
+    with torch.no_grad():
+        for i, batch in enumerate(readers.make_loader(pipe)):
+            if i >= batches:
+                break
+            out = module.backbone.forward_features(batch["image"], batch["caption_ids"], batch["caption_pad_mask"])
+            stats.update(out.moe)
+    return stats
 
-    print("\n== 2. One MH-MoE layer (h=4, 32 experts, top-2) ==")
-    torch.manual_seed(0)
-    layer = MHMoE(MoEConfig(d_model=128, num_experts=32, expert_hidden=64, top_k=2, num_heads=4))
-    x = torch.randn(4, 64, 128)
-    y, out = layer(x)
-    (y.square().mean() + out.loss).backward()
-    print(f"output {tuple(y.shape)}; aux loss {out.aux_loss.item():.3f}; experts activated "
-          f"{100 * out.activation_ratio.item():.1f}%; distinct experts per token {out.divergence.item():.2f}")
 
-    print("\n== 3. Layer benchmark, small size (scripts/benchmark_moe.py for the full one) ==")
-    sys.stdout.flush()
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "benchmark_moe.py"), "--tokens", "2048",
-           "--experts", "8", "--repeats", "5"]
-    return subprocess.call(cmd)
+def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Path], out: Path,
+             args: argparse.Namespace) -> Dict[str, float]:
+    s = paths["shards"]
+    tdir = out / task
+    steps = {"vqa": args.vqa_steps, "nlvr2": args.nlvr2_steps, "caption": args.caption_steps}[task]
+    lr = {"vqa": args.vqa_lr, "nlvr2": args.nlvr2_lr, "caption": args.caption_lr}[task]
+    common = dict(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=lr,
+                  warmup_steps=min(100, steps // 10), init_from=str(ckpt) if ckpt else None)
+    data_common = dict(tokenizer=str(paths["tokenizer"]), batch_size=args.batch_size, image_size=args.image_size_model,
+                       max_len=40, shuffle_buffer=500, num_workers=args.workers, pin_memory=False)
+    cfg = {"vqa": "vqa", "nlvr2": "nlvr2", "caption": "caption"}[task]
+    _say(f"[{variant}] fine-tuning {task} {steps} steps  (mmmoe fit --config configs/finetune/{cfg}.yaml "
+         f"--model.init_args.init_from {ckpt} --trainer.max_steps {steps})")
+    if task == "vqa":
+        from data_pipelines.datamodules import VQADataModule
+        from tasks.vqa import VQAModule
+
+        vocab = tdir / "answer_vocab.json"
+        module = VQAModule(answer_vocab=str(vocab), train_annotations=str(paths["vqa_train_ann"]), min_answer_freq=1,
+                           eval_questions=str(paths["vqa_val_q"]), eval_annotations=str(paths["vqa_val_ann"]), **common)
+        dm = VQADataModule(answer_vocab=str(vocab), train=str(s / "vqa-train2014.manifest.json"),
+                           val=str(s / "vqa-val2014.manifest.json"), **data_common)
+        split = "val"
+    elif task == "nlvr2":
+        from data_pipelines.datamodules import NLVR2DataModule
+        from tasks.nlvr2 import NLVR2Module
+
+        module = NLVR2Module(eval_data=str(paths["nlvr2_dev"]), train_data=str(paths["nlvr2_train"]), **common)
+        dm = NLVR2DataModule(train=str(s / "nlvr2-train.manifest.json"), val=str(s / "nlvr2-dev.manifest.json"),
+                             **data_common)
+        split = "val"
+    else:
+        from data_pipelines.datamodules import CaptionDataModule
+        from tasks.captioning import CaptionModule
+
+        module = CaptionModule(eval_coco=str(paths["coco"]), eval_split="test", **common)
+        data_common["max_len"] = module.hparams.max_len  # one caption length for training and decoding
+        dm = CaptionDataModule(train=str(s / "caption-train.manifest.json"), val=str(s / "caption-val.manifest.json"),
+                               test=str(s / "caption-test.manifest.json"), **data_common)
+        split = "test"
+    trainer = make_trainer(out, task, steps, args)
+    trainer.fit(module, datamodule=dm)
+    trainer.save_checkpoint(str(tdir / "model.ckpt"), weights_only=True)
+    _say(f"[{variant}] evaluating {task} on the held-out {split} split  (mmmoe evaluate {task} --config "
+         f"configs/finetune/{cfg}.yaml --ckpt {tdir / 'model.ckpt'} --split {split})")
+    dm.setup("test" if split == "test" else "validate")
+    metrics = module.evaluate_split(dm, split, str(tdir))
+    (tdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_variant(variant: str, paths: Dict[str, Path], args: argparse.Namespace) -> Dict[str, Any]:
+    out = Path(args.out) / variant
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    times: Dict[str, float] = {}
+    ckpt = pretrain(variant, paths, out, args) if args.pretrain_steps > 0 else None
+    times["pretrain_s"] = time.perf_counter() - t0
+    res: Dict[str, Any] = {"variant": variant}
+    if ckpt is not None and variant != "dense":
+        stats = expert_activation(ckpt, paths, args)
+        res["activation"] = {k: v.tolist() for k, v in stats.ratios().items()}
+        act = stats.activated(args.activation_threshold)
+        res["expert_activation_ratio"] = float(sum(act.values()) / len(act))
+        res["expert_activation_per_layer"] = act
+    for task in args.tasks:
+        t = time.perf_counter()
+        res[task] = finetune(task, variant, ckpt, paths, out, args)
+        times[f"{task}_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+    res["times"] = times
+    return res
+
+
+# ---------------------------------------------------------------------------------------- report
+def summarise(runs: List[Dict[str, Any]], args: argparse.Namespace, wall: float) -> Dict[str, Any]:
+    main = runs[0]
+    results: Dict[str, Any] = {
+        "variant": main["variant"],
+        "vqa_accuracy": main.get("vqa", {}).get("vqa_accuracy"),
+        "nlvr2_accuracy": main.get("nlvr2", {}).get("nlvr2_accuracy"),
+        "nlvr2_consistency": main.get("nlvr2", {}).get("nlvr2_consistency"),
+        "caption_cider": main.get("caption", {}).get("caption_cider"),
+        "caption_bleu4": main.get("caption", {}).get("caption_bleu4"),
+        "baselines": {
+            "vqa_majority": main.get("vqa", {}).get("vqa_majority_baseline"),
+            "nlvr2_majority": main.get("nlvr2", {}).get("nlvr2_majority_baseline"),
+            "caption_constant_cider": main.get("caption", {}).get("caption_baseline_cider"),
+        },
+        "expert_activation_ratio": main.get("expert_activation_ratio"),
+        "expert_activation_per_layer": main.get("expert_activation_per_layer"),
+        "activation_threshold": args.activation_threshold,
+        "heatmap": str(Path(args.out) / "activation_heatmap.png") if main.get("activation") else None,
+        "metrics": {t: main.get(t) for t in args.tasks},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func",)},
+        "wall_time_s": wall,
+        "times": main["times"],
+    }
+    if len(runs) > 1:
+        results["compare"] = [
+            {"variant": r["variant"], "vqa_accuracy": r.get("vqa", {}).get("vqa_accuracy"),
+             "nlvr2_accuracy": r.get("nlvr2", {}).get("nlvr2_accuracy"),
+             "caption_cider": r.get("caption", {}).get("caption_cider"),
+             "expert_activation_ratio": r.get("expert_activation_ratio"), "times": r["times"]}
+            for r in runs
+        ]
+    return results
+
+
+def _fmt(v: Optional[float], scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if v is None else f"{v * scale:.{digits}f}"
+
+
+def print_table(results: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
+    b = results["baselines"]
+    rows = [
+        ("VQA accuracy (val2014, official)", "vqa", "vqa_accuracy", b["vqa_majority"], "majority answer", 1.0),
+        ("NLVR2 accuracy (dev)", "nlvr2", "nlvr2_accuracy", b["nlvr2_majority"], "majority class", 1.0),
+        ("NLVR2 consistency (dev)", "nlvr2", "nlvr2_consistency", None, "", 1.0),
+        ("Caption CIDEr-D (test, x100)", "caption", "caption_cider", b["caption_constant_cider"], "constant caption", 100.0),
+        ("Caption BLEU-4 (test, x100)", "caption", "caption_bleu4", None, "", 100.0),
+    ]
+    names = [VARIANT_LABELS.get(r["variant"], r["variant"]) for r in runs]
+    w = max(12, *(len(n) for n in names))
+    head = f"{'metric':<34}" + "".join(f"{n:>{w + 2}}" for n in names) + f"{'baseline':>12}  baseline is"
+    print()
+    print(head)
+    print("-" * len(head))
+    for label, task, key, base, what, scale in rows:
+        vals = "".join(f"{_fmt(r.get(task, {}).get(key), scale):>{w + 2}}" for r in runs)
+        print(f"{label:<34}{vals}{_fmt(base, scale):>12}  {what}")
+    acts = "".join(f"{_fmt(r.get('expert_activation_ratio'), 100.0):>{w + 2}}" for r in runs)
+    print(f"{'experts activated (%, pretrained)':<34}{acts}")
+    mins = "".join(f"{r['times']['total_s'] / 60:>{w + 2}.1f}" for r in runs)
+    print(f"{'train + eval time (min)':<34}{mins}")
+    print()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--data", default="data/synth", help="built-in dataset folder (default data/synth)")
+    p.add_argument("--num-images", type=int, default=2000, help="images in the built-in dataset (default 2000)")
+    p.add_argument("--image-size", type=int, default=64, help="image side written to disk (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="dataset and training seed (default 0)")
+    p.add_argument("--vocab-size", type=int, default=1000, help="tokenizer vocabulary (default 1000)")
+    p.add_argument("--variant", default="mhmoe-h2", choices=list(VARIANT_LABELS), help="main backbone (default mhmoe-h2)")
+    p.add_argument("--compare", action="store_true", help="also train dense and SMoE backbones at matched FLOPs")
+    p.add_argument("--compare-variants", nargs="+", default=["smoe", "dense"], choices=list(VARIANT_LABELS),
+                   help="what --compare adds (default: smoe dense)")
+    p.add_argument("--tasks", nargs="+", default=["vqa", "nlvr2", "caption"], choices=["vqa", "nlvr2", "caption"])
+    p.add_argument("--pretrain-steps", type=int, default=800, help="0 = fine-tune from scratch (default 800)")
+    p.add_argument("--vqa-steps", type=int, default=600, help="(default 600)")
+    p.add_argument("--nlvr2-steps", type=int, default=1000, help="(default 1000)")
+    p.add_argument("--caption-steps", type=int, default=600, help="(default 600)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="(default 2e-3)")
+    p.add_argument("--vqa-lr", type=float, default=1e-3, help="(default 1e-3)")
+    p.add_argument("--nlvr2-lr", type=float, default=3e-4, help="(default 3e-4)")
+    p.add_argument("--caption-lr", type=float, default=1e-3, help="(default 1e-3)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
+    p.add_argument("--activation-threshold", type=float, default=0.01, help="'activated expert' threshold (default 0.01)")
+    p.add_argument("--accelerator", default="auto", help="auto (GPU when present), cpu or gpu (default auto)")
+    a = p.parse_args(argv)
+    a.image_size_model = 64  # the tiny preset's image_size
+    for name in ("num_images", "batch_size", "vocab_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("pretrain_steps", "vqa_steps", "nlvr2_steps", "caption_steps", "workers"):
+        if getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import pytorch_lightning as pl
+
+    _quiet_lightning()  # after the import, which sets Lightning's own log level
+
+    t0 = time.perf_counter()
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    paths = prepare_data(args)
+    variants = [args.variant] + ([v for v in args.compare_variants if v != args.variant] if args.compare else [])
+    runs = []
+    for v in variants:
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+        runs.append(run_variant(v, paths, args))
+    out = Path(args.out)
+    results = summarise(runs, args, time.perf_counter() - t0)
+    if runs[0].get("activation"):
+        import numpy as np
+
+        from tasks.plots import activation_heatmap
+
+        activation_heatmap({k: np.asarray(v) for k, v in runs[0]["activation"].items()}, out / "activation_heatmap.png",
+                           threshold=args.activation_threshold,
+                           title=f"{VARIANT_LABELS[runs[0]['variant']]}: expert activation ratio after pretraining")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results, runs)
+    _say(f"results: {out / 'results.json'}" + (f"; heatmap: {results['heatmap']}" if results["heatmap"] else ""))
+    _say(f"wall time {results['wall_time_s'] / 60:.1f} min")
+    return 0
 
 
 if __name__ == "__main__":
