@@ -7,8 +7,8 @@ mhmoe-h3, all with the dense model's active FLOPs) runs the same image-text trai
 round, alternating who goes first, and the table reports medians of the per-round time ratios to
 dense, tokens/s, and memory:
 
-  step ms    one whole training step (forward, backward, AdamW step): the optimiser step grows
-             with the total parameter count, which MoE variants multiply.
+  step ms    one whole training step (forward, backward, fused AdamW step as in tasks.base): the
+             optimiser step grows with the total parameter count, which MoE variants multiply.
   peak MiB   bytes allocated during one forward + backward beyond what existed before it (the
              CUDA allocator's peak on a GPU; on CPU the peak of live tensor storages created by
              the ops; parameters, gradients and optimiser state excluded; RSS is too noisy on a
@@ -95,7 +95,7 @@ def bench(args: argparse.Namespace) -> List[dict]:
         cfg = get_config(args.preset, v, **over)
         m = create_model(args.preset, v, **over).to(device).train()
         models.append(m)
-        opts.append(torch.optim.AdamW(m.parameters(), lr=1e-4))
+        opts.append(torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True))  # as tasks.base trains
         costs.append(count_costs(cfg))
     batch = make_batch(models[0].config, args.batch, args.text_len, device)
     tokens = args.batch * (models[0].num_image_tokens + args.text_len)
