@@ -16,7 +16,7 @@ dense, tokens/s, and memory:
   params M   all parameters; "active M" those one token uses (one way, top-k experts).
 
 Examples:
-    python scripts/benchmark_model.py                       # small preset, CPU-sized batch
+    python scripts/benchmark_model.py                       # small preset, batch 32, 128 px
     python scripts/benchmark_model.py --preset base --image-size 224 --batch 32 --device cuda
 """
 
@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=["dense", "smoe", "mhmoe-h2", "mhmoe-h3"],
                    choices=list(VARIANTS), help="variants to compare (default: dense smoe mhmoe-h2 mhmoe-h3)")
     p.add_argument("--depth", type=int, default=None, help="override the preset's depth")
-    p.add_argument("--batch", type=int, default=8, help="images per step (default 8)")
+    p.add_argument("--batch", type=int, default=32, help="images per step (default 32; at 8 the per-expert matmuls get too small for the CPU)")
     p.add_argument("--image-size", type=int, default=128, help="image side (default 128)")
     p.add_argument("--text-len", type=int, default=32, help="text tokens per sample (default 32)")
     p.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default 8000)")
