@@ -6,6 +6,7 @@ pretraining of a tiny multiway MH-MoE -> VQA, NLVR2 and captioning fine-tuning f
 Writes under --out (default runs/quickstart):
     results.json                 headline numbers, baselines, expert activation, timings
     activation_heatmap.png       expert activation ratio per MoE layer (rows) and expert (columns)
+    pretrain_curves.png          pretraining MLM / MIM losses (one line per variant with --compare)
     <variant>/pretrain.ckpt, <variant>/{vqa,nlvr2,caption}/   checkpoints, official result files,
                                  metrics.json, CSV logs
 The dataset and tokenizer go to --data (default data/synth, the path the configs under configs/
@@ -102,7 +103,8 @@ def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
     }
 
 
-def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Namespace) -> Path:
+def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Namespace):
+    """Returns the checkpoint path and the trained module."""
     from data_pipelines.datamodules import PretrainDataModule
     from tasks.pretrain import PretrainModule
 
@@ -122,19 +124,19 @@ def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Nam
     trainer.fit(module, datamodule=dm)
     ckpt = out / "pretrain.ckpt"
     trainer.save_checkpoint(str(ckpt), weights_only=True)
-    return ckpt
+    return ckpt, module
 
 
-def expert_activation(ckpt: Path, paths: Dict[str, Path], args: argparse.Namespace, batches: int = 8):
+def expert_activation(backbone, paths: Dict[str, Path], args: argparse.Namespace, batches: int = 8):
     """Routing statistics of the pretrained backbone on held-out image-text pairs (no masking)."""
     import torch
 
     from data_pipelines import wds as readers
     from data_pipelines.tokenizer import Tokenizer
     from tasks.base import ExpertActivation
-    from tasks.evaluate_cli import load_task_module
 
-    module = load_task_module("tasks.pretrain.PretrainModule", ckpt).eval()
+    backbone.eval()
+    device = next(backbone.parameters()).device
     tok = Tokenizer(str(paths["tokenizer"]))
     pipe = readers.caption_pipeline(str(paths["shards"] / "caption-val.manifest.json"), tok,
                                     image_size=args.image_size_model, train=False, batch_size=args.batch_size,
@@ -144,7 +146,8 @@ def expert_activation(ckpt: Path, paths: Dict[str, Path], args: argparse.Namespa
         for i, batch in enumerate(readers.make_loader(pipe)):
             if i >= batches:
                 break
-            out = module.backbone.forward_features(batch["image"], batch["caption_ids"], batch["caption_pad_mask"])
+            out = backbone.forward_features(batch["image"].to(device), batch["caption_ids"].to(device),
+                                            batch["caption_pad_mask"].to(device))
             stats.update(out.moe)
     return stats
 
@@ -205,11 +208,11 @@ def run_variant(variant: str, paths: Dict[str, Path], args: argparse.Namespace) 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: Dict[str, float] = {}
-    ckpt = pretrain(variant, paths, out, args) if args.pretrain_steps > 0 else None
+    ckpt, module = pretrain(variant, paths, out, args) if args.pretrain_steps > 0 else (None, None)
     times["pretrain_s"] = time.perf_counter() - t0
     res: Dict[str, Any] = {"variant": variant}
-    if ckpt is not None and variant != "dense":
-        stats = expert_activation(ckpt, paths, args)
+    if module is not None and variant != "dense":
+        stats = expert_activation(module.backbone, paths, args)
         res["activation"] = {k: v.tolist() for k, v in stats.ratios().items()}
         act = stats.activated(args.activation_threshold)
         res["expert_activation_ratio"] = float(sum(act.values()) / len(act))
@@ -348,6 +351,13 @@ def main(argv=None) -> int:
         activation_heatmap({k: np.asarray(v) for k, v in runs[0]["activation"].items()}, out / "activation_heatmap.png",
                            threshold=args.activation_threshold,
                            title=f"{VARIANT_LABELS[runs[0]['variant']]}: expert activation ratio after pretraining")
+    csvs = {VARIANT_LABELS[r["variant"]]: out / r["variant"] / "pretrain" / "metrics.csv" for r in runs}
+    if all(p.is_file() for p in csvs.values()):
+        from tasks.plots import loss_curves
+
+        results["pretrain_curves"] = str(loss_curves(
+            csvs, ["train/image_text_mlm", "train/image_text_mim", "train/text_mlm"], out / "pretrain_curves.png",
+            title="pretraining losses"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print_table(results, runs)
     _say(f"results: {out / 'results.json'}" + (f"; heatmap: {results['heatmap']}" if results["heatmap"] else ""))

@@ -217,7 +217,8 @@ class MMMoEModule(pl.LightningModule):
             args["vocab_size"] = Tokenizer(tokenizer).vocab_size
         self.backbone: MultiwayTransformer = create_model(model, variant, **args)
         self.activation_stats = ExpertActivation()
-        self._last_moe: Dict[str, Any] = {}
+        self._step_loads: Dict[str, Tensor] = {}
+        self._step_tokens: Any = 0
         self._step_start: Optional[float] = None
 
     # subclasses call this at the end of their __init__, after building their heads
@@ -269,8 +270,17 @@ class MMMoEModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ MoE bookkeeping
     def moe_loss_and_log(self, out: BackboneOutput, prefix: str, batch_size: int) -> Tensor:
-        """Record routing statistics of one forward and return its aux loss."""
-        self._last_moe.update({f"{prefix}/{k}": v for k, v in out.moe.items()} if self.training else {})
+        """Record routing statistics and the routed tokens of one forward; return its aux loss.
+
+        Every task calls this once per backbone forward, so it is also where a training step's
+        tokens are counted (non-padding positions) for ``train/tokens_per_s``."""
+        if self.training:
+            n = out.hidden.shape[0] * out.hidden.shape[1]
+            if out.padding_mask is not None:
+                n = out.padding_mask.numel() - out.padding_mask.sum()  # a tensor: no host sync here
+            self._step_tokens = self._step_tokens + n
+            for key, o in out.moe.items():  # aux-loss-free balancing: loads summed over the step's forwards
+                self._step_loads[key] = o.expert_load + self._step_loads[key] if key in self._step_loads else o.expert_load
         if out.moe:
             if not self.training:
                 self.activation_stats.update(out.moe)
@@ -288,26 +298,25 @@ class MMMoEModule(pl.LightningModule):
         return out.aux_loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._last_moe = {}
+        self._step_loads = {}
+        self._step_tokens = 0
         self._step_start = time.perf_counter()
 
-    def log_throughput(self, tokens: int) -> None:
-        """Log ``train/tokens_per_s`` for ``tokens`` processed since the batch started; call it
-        after backward (e.g. from ``on_train_batch_end``) to time the whole step."""
-        if self._step_start is not None:
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After backward and the optimiser step: ``train/tokens_per_s`` over the whole step, and the
+        aux-loss-free bias update of each such MoE layer (once per step, with its summed load)."""
+        if self._step_start is not None and self._step_tokens:
             dt = time.perf_counter() - self._step_start
             if dt > 0:
-                self.log("train/tokens_per_s", tokens / dt, on_step=True, on_epoch=False)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # aux-loss-free balancing: bias updates happen outside forward, after the optimiser step
-        layers = None
-        for key, out in self._last_moe.items():
-            layers = layers or self.backbone.moe_layers()
-            layer = layers.get(key.split("/", 1)[1])
-            if isinstance(layer, MHMoE) and layer.config.balancing == "aux_free":
-                layer.update_balancing(out)
-        self._last_moe = {}
+                self.log("train/tokens_per_s", float(self._step_tokens) / dt, on_step=True, on_epoch=False)
+        if self._step_loads:
+            layers = self.backbone.moe_layers()
+            for key, load in self._step_loads.items():
+                layer = layers.get(key)
+                if isinstance(layer, MHMoE) and layer.config.balancing == "aux_free":
+                    layer.update_balancing(load)
+        self._step_loads = {}
+        self._step_tokens = 0
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Store the tokenizer path absolute, so ``mmmoe evaluate`` / ``predict`` find it from any

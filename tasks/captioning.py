@@ -294,7 +294,6 @@ class CaptionModule(MMMoEModule):
         loss, _, out = self._loss(batch, self.hparams.label_smoothing)
         aux = self.moe_loss_and_log(out, "caption", B)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
-        self.log_throughput(B * (self.backbone.num_image_tokens + batch["caption_ids"].shape[1]))
         return loss + aux
 
     # ------------------------------------------------------------------ validation

@@ -215,7 +215,6 @@ class _TextLMModule(MMMoEModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
         if nll.numel():
             self.log("train/perplexity", nll.mean().exp(), batch_size=B)
-        self.log_throughput(int((~batch["text_pad_mask"]).sum()) if "text_pad_mask" in batch else batch["text_ids"].numel())
         return loss + aux
 
     def on_validation_epoch_start(self) -> None:

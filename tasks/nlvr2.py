@@ -103,7 +103,6 @@ class NLVR2Module(MMMoEModule):
         self.log(f"{stage}/nlvr2_loss", task_loss.detach(), batch_size=B, prog_bar=stage == "train")
         if stage == "train":
             self.train_label_counts += torch.bincount(label_B[known], minlength=2).to(self.train_label_counts)
-            self.log_throughput(int(out.hidden.shape[0] * out.hidden.shape[1]))
         return task_loss + aux
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

@@ -107,7 +107,6 @@ class PretrainModule(MMMoEModule):
             "image_text_mlm": float(image_text_mlm_weight), "image_text_mim": float(image_text_mim_weight),
             "image_mim": float(image_mim_weight), "text_mlm": float(text_mlm_weight),
         }
-        self._step_tokens = 0
         self._finish_init()
 
     # ------------------------------------------------------------------ losses
@@ -128,8 +127,8 @@ class PretrainModule(MMMoEModule):
         """Normalised-pixel regression on the masked patches (the CLS position is skipped)."""
         return self.mim_head.loss(image_hidden_BND[:, 1:], image_BCHW, mask)
 
-    def kind_losses(self, kind: str, b: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Tensor, int, int]:
-        """One forward of one kind: ({loss name: value}, aux loss, batch size, input tokens)."""
+    def kind_losses(self, kind: str, b: Mapping[str, Any]) -> Tuple[Dict[str, Tensor], Tensor, int]:
+        """One forward of one kind: ({loss name: value}, aux loss, batch size)."""
         image = b.get("image") if kind in ("image_text", "image") else None
         text = b.get("text_ids") if kind in ("image_text", "text") else None
         if kind == "image_text" and (image is None or text is None):
@@ -150,10 +149,7 @@ class PretrainModule(MMMoEModule):
         if image is not None:
             losses[f"{kind}_mim"] = self.mim_loss(out.image_hidden, image, image_mask)
         aux = self.moe_loss_and_log(out, kind, B)
-        tokens = B * out.num_image_tokens
-        if text is not None:
-            tokens += int(text.numel() - (pad.sum() if pad is not None else 0))
-        return losses, aux, B, tokens
+        return losses, aux, B
 
     def shared_step(self, batch: Mapping[str, Any], stage: str) -> Dict[str, Tensor]:
         parts = split_kinds(batch)
@@ -161,14 +157,12 @@ class PretrainModule(MMMoEModule):
             raise ValueError("empty pretraining batch: no image_text, image or text part")
         task = None
         aux_total = None
-        tokens = 0
         metrics: Dict[str, Tensor] = {}
         sizes: Dict[str, int] = {}
         for kind, b in parts.items():
             if kind not in KINDS:
                 raise ValueError(f"unknown pretraining batch kind {kind!r}; expected {KINDS}")
-            losses, aux, B, n = self.kind_losses(kind, b)
-            tokens += n
+            losses, aux, B = self.kind_losses(kind, b)
             for name, value in losses.items():
                 metrics[name] = value
                 sizes[name] = B
@@ -184,7 +178,6 @@ class PretrainModule(MMMoEModule):
         bsz = max(sizes.values()) if sizes else 1
         if stage == "train":
             self.log("train/loss", total.detach(), batch_size=bsz, prog_bar=True)
-            self._step_tokens = tokens
         else:
             self.log(f"{stage}/loss", task_loss.detach(), batch_size=bsz, prog_bar=True, sync_dist=True)
         return {"loss": total, "task_loss": task_loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
@@ -210,11 +203,6 @@ class PretrainModule(MMMoEModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Dict[str, Tensor]:
         return self.shared_step(batch, "train")
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # after backward and the optimiser step, so tokens/s covers the whole step
-        self.log_throughput(self._step_tokens)
-        super().on_train_batch_end(outputs, batch, batch_idx)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
         return self.shared_step(batch, "val")

@@ -202,16 +202,17 @@ class VQAModule(MMMoEModule):
         return self.head(out.hidden).float(), out
 
     def targets(self, batch: Mapping[str, Any]) -> Tensor:
-        """B x A soft scores min(1, n/3) of the normalised human answers (official targets)."""
-        answers = batch.get("answers")
-        if answers is None:
-            if "vqa_targets" not in batch:
-                raise KeyError("a VQA training batch needs 'answers' or 'vqa_targets'")
+        """B x A soft scores min(1, n/3) of the normalised human answers (official targets): the
+        data module's ``vqa_targets`` (built in the loader workers), else made from ``answers``."""
+        if "vqa_targets" in batch:
             t = batch["vqa_targets"]
             if t.shape[-1] != self.num_answers:
                 raise ValueError(f"vqa_targets has {t.shape[-1]} answers, the model {self.num_answers}: "
                                  "the data module and the model use different answer vocabularies")
             return t.float()
+        answers = batch.get("answers")
+        if answers is None:
+            raise KeyError("a VQA training batch needs 'answers' or 'vqa_targets'")
         from data_pipelines.wds import vqa_soft_scores
         from tasks.metrics.vqa import normalize_answer
 
@@ -235,8 +236,6 @@ class VQAModule(MMMoEModule):
         score = targets_BA.gather(1, logits_BA.argmax(-1, keepdim=True)).mean()
         self.log(f"{stage}/vqa_loss", task_loss.detach(), batch_size=B, prog_bar=stage == "train")
         self.log(f"{stage}/vqa_score", score, batch_size=B, prog_bar=stage == "val")
-        if stage == "train":
-            self.log_throughput(int(out.hidden.shape[0] * out.hidden.shape[1]))
         return task_loss + aux
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

@@ -60,7 +60,7 @@ def test_mlm_and_mim_losses_match_references():
     m.log = lambda *a, **k: None  # not attached to a Trainer
     b = fake_batch("image_text")
     with torch.no_grad():
-        losses, aux, B, tokens = m.kind_losses("image_text", b)
+        losses, aux, B = m.kind_losses("image_text", b)
         out = m.backbone(image=b["image"], text_ids=b["text_ids"], text_pad_mask=b["text_pad_mask"],
                          image_mask=b["image_mask"])
         # MLM: cross-entropy over every position's logits, ignoring -100 labels
@@ -74,7 +74,10 @@ def test_mlm_and_mim_losses_match_references():
     assert torch.allclose(losses["image_text_mlm"], ref_mlm, atol=1e-5)
     assert torch.allclose(losses["image_text_mim"], ref_mim, atol=1e-5)
     assert B == 3
-    assert tokens == 3 * 17 + 3 * 9 - 3  # image tokens + text tokens without padding
+    m.train()
+    m.on_train_batch_start(None, 0)
+    m.kind_losses("image_text", b)  # the base module counts the step's tokens
+    assert int(m._step_tokens) == 3 * 17 + 3 * 9 - 3  # image tokens + text tokens without padding
 
 
 def test_masked_patches_enter_as_the_mask_token():

@@ -14,7 +14,7 @@ S = T * h sub-tokens, Dh = D / h, E experts, K top-k, A = routed assignments (<=
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -129,15 +129,17 @@ class MHMoE(nn.Module):
 
     # ------------------------------------------------------------------ balancing
     @torch.no_grad()
-    def update_balancing(self, out: MoEOutput) -> None:
+    def update_balancing(self, out: Union[MoEOutput, Tensor]) -> None:
         """Aux-loss-free balancing step: raise the bias of under-loaded experts and lower it for
         over-loaded ones (step ``bias_update_rate`` times the sign of the load error). Call after
-        the optimiser step, with the ``MoEOutput`` of this layer's forward. A no-op in eval mode
-        and for balancing='aux_loss'. Under data parallelism pass a load summed over ranks."""
+        the optimiser step, with the ``MoEOutput`` of this layer's forward or an expert load (E;
+        e.g. summed over several forwards of one step). A no-op in eval mode and for
+        balancing='aux_loss'. Under data parallelism pass a load summed over ranks."""
         c = self.config
         if not self.training or c.balancing != "aux_free":
             return
-        load = out.expert_load.to(self.expert_bias.device, torch.float32)
+        load = out.expert_load if isinstance(out, MoEOutput) else out
+        load = load.to(self.expert_bias.device, torch.float32)
         self.expert_bias.add_(c.bias_update_rate * torch.sign(load.mean() - load))
 
     def extra_repr(self) -> str:
