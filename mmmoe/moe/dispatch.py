@@ -28,7 +28,8 @@ class DispatchPlan:
     """Kept assignments per expert (int64)."""
     routed_E: Tensor
     """Assignments per expert before any drop (int64)."""
-    num_dropped: int
+    num_dropped: Tensor
+    """Assignments dropped by the capacity limit (a 0-dim int64 tensor: no host sync)."""
 
 
 def expert_capacity(num_subtokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -42,14 +43,14 @@ def permute(idx_SK: Tensor, num_experts: int, capacity: Optional[int] = None) ->
     order_A = torch.argsort(flat_A, stable=True)
     routed_E = torch.bincount(flat_A, minlength=num_experts)
     counts_E = routed_E
-    num_dropped = 0
+    num_dropped = torch.zeros((), dtype=torch.long, device=idx_SK.device)
     if capacity is not None:
         e_sorted = flat_A[order_A]
         start_E = routed_E.cumsum(0) - routed_E
         position_A = torch.arange(order_A.numel(), device=idx_SK.device) - start_E[e_sorted]
         keep = position_A < capacity
-        order_A = order_A[keep]
+        order_A = order_A[keep]  # boolean indexing: the capacity mode's one host sync
         counts_E = routed_E.clamp(max=capacity)
-        num_dropped = int(flat_A.numel() - order_A.numel())
+        num_dropped = (routed_E - counts_E).sum()
     token_A = order_A % S if S > 0 else order_A
     return DispatchPlan(order_A, token_A, counts_E, routed_E, num_dropped)

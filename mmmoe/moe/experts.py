@@ -4,11 +4,19 @@ Shape legend: A = routed assignments (sub-token, expert pairs) sorted by expert,
 D = sub-token width (d/h), F = expert hidden width, G = groups of the grouped matmul (= E).
 
 Rows of ``x_AD`` are sorted by expert; ``offs_E`` holds the cumulative row counts (int32, the end
-row of each expert), ``counts`` the same as a Python list (one host sync per layer call).
+row of each expert, on the device). The fast path needs nothing else, so it makes no host-device
+synchronisation; the per-expert row counts as a Python list (``counts``, one sync) are only needed by
+the fallback loop, which computes them from ``offs_E`` when it runs and is not handed them.
 
 The fast path is ``torch._grouped_mm`` (CPU float32/bfloat16, CUDA bf16). It needs 16-byte aligned
 row strides and, under ``torch.compile``, a dtype its tracing rule accepts (bf16/fp16), so a plain
 per-expert loop over ``torch.mm`` stays as the correct fallback (float64 tests, odd widths, compile).
+A fallback taken for a low-precision dtype (where users expect the fast kernel) is logged once.
+
+Mixed precision: under ``torch.autocast`` the experts compute in the autocast dtype, like
+``nn.Linear``: the float32 master weights are cast for the forward (their gradients flow back through
+the cast in float32), the sub-tokens are cast too, and both grouped matmuls see one dtype, so the
+fast kernel runs. With bf16 weights (``bf16-true``) nothing is cast.
 
 Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
 gate -> scatter-add): it saves the sub-tokens, the first matmul's output and the expert outputs,
@@ -18,6 +26,7 @@ stored twice and the gathered A x D copy is not stored at all.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import List, Optional, Tuple
 
@@ -27,8 +36,12 @@ from torch import Tensor, nn
 
 from mmmoe.layers.bitlinear import act_quant_8bit, weight_quant_ternary
 
+log = logging.getLogger(__name__)
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 _BROKEN: set = set()  # (device type, dtype) pairs where the fast kernel raised once
+_WARNED: set = set()  # fallback reasons already logged
+Counts = Optional[List[int]]
 
 
 def _is_compiling() -> bool:
@@ -38,7 +51,10 @@ def _is_compiling() -> bool:
         return False
 
 
-def _fast_path_ok(a: Tensor, b: Tensor) -> bool:
+def _fast_path_ok(a: Tensor, b: Tensor, widths: Optional[Tuple[int, ...]] = None) -> bool:
+    """Whether ``torch._grouped_mm`` can take ``a`` and ``b``: same supported dtype, and every
+    stride handed to the kernel (``widths``; by default a's width and b's two last sizes) a
+    multiple of 16 bytes."""
     if not _HAS_GROUPED_MM or a.dtype != b.dtype:
         return False
     if (a.device.type, a.dtype) in _BROKEN:
@@ -51,7 +67,8 @@ def _fast_path_ok(a: Tensor, b: Tensor) -> bool:
         return False
     es = a.element_size()
     # every row stride handed to the kernel must be a multiple of 16 bytes
-    return all((n * es) % 16 == 0 for n in (a.shape[-1], b.shape[-1], b.shape[-2]))
+    widths = widths if widths is not None else (a.shape[-1], b.shape[-1], b.shape[-2])
+    return all((n * es) % 16 == 0 for n in widths)
 
 
 def _try_fast(fn, a: Tensor):
@@ -62,10 +79,39 @@ def _try_fast(fn, a: Tensor):
         return None
 
 
-def grouped_mm(x_AD: Tensor, w_EDF: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
+def counts_from_offsets(offs_E: Tensor) -> List[int]:
+    """Rows per expert as a Python list (a host sync: only the fallback loop needs it)."""
+    ends = offs_E.tolist()
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
+def _note_fallback(a: Tensor, b: Tensor) -> None:
+    """Log once per (device, dtype, widths) when a low-precision matmul takes the slow loop."""
+    if a.dtype not in (torch.bfloat16, torch.float16):
+        return  # float32/float64 on odd widths: the loop is the expected path
+    key = (a.device.type, a.dtype, a.dtype == b.dtype, tuple(b.shape[-2:]))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    why = "dtypes differ" if a.dtype != b.dtype else (
+        "kernel unavailable or failed" if not _HAS_GROUPED_MM or (a.device.type, a.dtype) in _BROKEN
+        else "row strides not 16-byte aligned or dtype unsupported on this device")
+    log.warning(
+        "grouped matmul fell back to the per-expert loop on %s %s (%s; weight %s x %s): expect a slow MoE layer",
+        a.device.type, a.dtype, why, *tuple(b.shape[-2:]),
+    )
+
+
+def _loop_mm(x_AD: Tensor, w_EDF: Tensor, counts: List[int]) -> Tensor:
+    parts = torch.split(x_AD, counts)
+    return torch.cat([p @ w_EDF[e] for e, p in enumerate(parts)], dim=0)
+
+
+def grouped_mm(x_AD: Tensor, w_EDF: Tensor, offs_E: Tensor, counts: Counts = None) -> Tensor:
     """Row-grouped matmul: rows of expert e (a contiguous block) times ``w_EDF[e]`` -> A x F.
 
-    Differentiable (autograd of either path). ``w_EDF`` may be a transposed view.
+    Differentiable (autograd of either path). ``w_EDF`` may be a transposed view. ``counts`` (rows
+    per expert as a list) is optional: the fallback loop derives it from ``offs_E`` when missing.
     """
     if x_AD.shape[0] == 0:
         return x_AD.new_zeros(0, w_EDF.shape[-1])
@@ -73,22 +119,37 @@ def grouped_mm(x_AD: Tensor, w_EDF: Tensor, offs_E: Tensor, counts: List[int]) -
         out = _try_fast(lambda: torch._grouped_mm(x_AD, w_EDF, offs=offs_E), x_AD)
         if out is not None:
             return out
-    parts = torch.split(x_AD, counts)
-    return torch.cat([p @ w_EDF[e] for e, p in enumerate(parts)], dim=0)
+    _note_fallback(x_AD, w_EDF)
+    return _loop_mm(x_AD, w_EDF, counts if counts is not None else counts_from_offsets(offs_E))
 
 
-def grouped_mm_wgrad(x_AD: Tensor, g_AF: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
-    """Per-expert ``x_e^T @ g_e`` -> E x D x F (the weight gradient of ``grouped_mm``)."""
-    E = len(counts)
-    if _fast_path_ok(x_AD, g_AF) and x_AD.shape[0] > 0 and (x_AD.shape[0] * x_AD.element_size()) % 16 == 0:
-        out = _try_fast(lambda: torch._grouped_mm(x_AD.t(), g_AF, offs=offs_E), x_AD)
-        if out is not None:
-            return out
-    out = x_AD.new_zeros(E, x_AD.shape[1], g_AF.shape[1])
+def _loop_wgrad(x_AD: Tensor, g_AF: Tensor, counts: List[int]) -> Tensor:
+    out = x_AD.new_zeros(len(counts), x_AD.shape[1], g_AF.shape[1])
     for e, (xp, gp) in enumerate(zip(torch.split(x_AD, counts), torch.split(g_AF, counts))):
         if xp.shape[0]:
             torch.mm(xp.t(), gp, out=out[e])
     return out
+
+
+def grouped_mm_wgrad(x_AD: Tensor, g_AF: Tensor, offs_E: Tensor, counts: Counts = None) -> Tensor:
+    """Per-expert ``x_e^T @ g_e`` -> E x D x F (the weight gradient of ``grouped_mm``)."""
+    if x_AD.shape[0] == 0:
+        return x_AD.new_zeros(offs_E.shape[0], x_AD.shape[1], g_AF.shape[1])
+    # the operands are x^T (D x A, a transposed view) and g (A x F): their widths D and F must be
+    # aligned; an unaligned row count A gets zero rows appended (they lie past the last offset and
+    # add nothing), which costs one copy instead of the per-expert loop
+    if _fast_path_ok(x_AD, g_AF, widths=(x_AD.shape[1], g_AF.shape[1])):
+        pad = (-x_AD.shape[0]) % (16 // x_AD.element_size())
+        if pad:
+            x_AD = torch.cat([x_AD, x_AD.new_zeros(pad, x_AD.shape[1])])
+            g_AF = torch.cat([g_AF, g_AF.new_zeros(pad, g_AF.shape[1])])
+        out = _try_fast(lambda: torch._grouped_mm(x_AD.t(), g_AF, offs=offs_E), x_AD)
+        if out is not None:
+            return out
+        if pad:
+            x_AD, g_AF = x_AD[:-pad], g_AF[:-pad]
+    _note_fallback(x_AD, g_AF)
+    return _loop_wgrad(x_AD, g_AF, counts if counts is not None else counts_from_offsets(offs_E))
 
 
 def _act_fwd(h_AH: Tensor, activation: str, inplace: bool = False) -> Tensor:
@@ -118,10 +179,13 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
-        x_AD = s_SD[token_A]
-        h = grouped_mm(x_AD, w_in, offs_E, counts)  # A x F (gelu) or A x 2F (swiglu: [w1 | w3])
-        o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
-        y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
+        # every operand already has the compute dtype (GroupedExperts.forward casts): autocast must
+        # not re-cast anything in here, so the ops run exactly as written
+        with torch.autocast(s_SD.device.type, enabled=False):
+            x_AD = s_SD[token_A]
+            h = grouped_mm(x_AD, w_in, offs_E, counts)  # A x F (gelu) or A x 2F (swiglu: [w1 | w3])
+            o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
+            y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
         ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, offs_E, h, o)
         ctx.counts, ctx.activation, ctx.consumed = counts, activation, False
         return y_SD
@@ -134,10 +198,17 @@ class _FusedExperts(torch.autograd.Function):
                 "in place, so retain_graph=True double backward is not supported"
             )
         ctx.consumed = True
+        with torch.autocast(dy_SD.device.type, enabled=False):
+            return _FusedExperts._backward(ctx, dy_SD)
+
+    @staticmethod
+    def _backward(ctx, dy_SD):
         s_SD, token_A, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
-        dy_AD = dy_SD[token_A]
-        dgate = (dy_AD * o).sum(-1).to(gate.dtype) if ctx.needs_input_grad[2] else None
+        dy_AD = dy_SD.to(o.dtype)[token_A]
+        # the gate gradient feeds the float32 router: reduce over D in float32, not in bf16
+        acc = torch.promote_types(o.dtype, torch.float32)
+        dgate = torch.linalg.vecdot(dy_AD.to(acc), o.to(acc)).to(gate.dtype) if ctx.needs_input_grad[2] else None
         do = dy_AD.mul_(gate.unsqueeze(-1).to(dy_AD.dtype))
         # h (the first matmul's output) is overwritten with its own gradient dh, half by half, so
         # backward holds one A x 2F buffer plus two A x F temporaries at most
@@ -194,32 +265,48 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
 
-    def forward(self, s_SD: Tensor, token_A: Tensor, gate_A: Tensor, offs_E: Tensor, counts: List[int]) -> Tensor:
-        """Sum of gate-weighted expert outputs per sub-token, S x dim.
+    def compute_dtype(self, s_SD: Tensor) -> torch.dtype:
+        """The dtype both grouped matmuls run in: the autocast dtype inside an autocast region
+        (float32 weights are cast per forward, as autocast does for ``nn.Linear``), else the
+        weights' own dtype (the input is cast to it)."""
+        dev = s_SD.device.type
+        if self.w_in.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return self.w_in.dtype
+
+    def forward(self, s_SD: Tensor, token_A: Tensor, gate_A: Tensor, offs_E: Tensor, counts: Counts = None) -> Tensor:
+        """Sum of gate-weighted expert outputs per sub-token, S x dim, in :meth:`compute_dtype`.
 
         ``token_A``: sub-token of each assignment, sorted by expert; ``gate_A``: its gate;
-        ``offs_E`` / ``counts``: assignments per expert (cumulative int32 / list).
+        ``offs_E``: cumulative assignments per expert (int32, on the device); ``counts``: the same
+        per expert as a Python list, optional (only the fallback loop needs it; see the module doc).
         """
+        dt = self.compute_dtype(s_SD)
         if self.bitnet:
-            return self._forward_bitnet(s_SD, token_A, gate_A, offs_E, counts)
-        args = (s_SD, token_A, gate_A, self.w_in, self.w_out, offs_E, counts, self.activation)
+            return self._forward_bitnet(s_SD, token_A, gate_A, offs_E, counts, dt)
+        args = (s_SD.to(dt), token_A, gate_A.to(dt), self.w_in.to(dt), self.w_out.to(dt), offs_E, counts, self.activation)
         if _is_compiling():
             return _experts_reference_ops(*args)  # the compiler traces plain ops
         return _FusedExperts.apply(*args)
 
-    def _forward_bitnet(self, s_SD, token_A, gate_A, offs_E, counts) -> Tensor:
-        x_AD = s_SD[token_A]
-        w_in = weight_quant_ternary(self.w_in, dims=(-2, -1))
-        w_out = weight_quant_ternary(self.w_out, dims=(-2, -1))
-        h = grouped_mm(act_quant_8bit(F.rms_norm(x_AD, (x_AD.shape[-1],))), w_in, offs_E, counts)
-        p = _act_fwd(h, self.activation)
-        o = grouped_mm(act_quant_8bit(F.rms_norm(p, (p.shape[-1],))), w_out, offs_E, counts)
-        return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
+    def _forward_bitnet(self, s_SD, token_A, gate_A, offs_E, counts, dt) -> Tensor:
+        # quantisers run in float32 (exact ternary / int8 grids), the matmuls in the compute dtype
+        with torch.autocast(s_SD.device.type, enabled=False):
+            x_AD = s_SD[token_A].float()
+            w_in = weight_quant_ternary(self.w_in.float(), dims=(-2, -1)).to(dt)
+            w_out = weight_quant_ternary(self.w_out.float(), dims=(-2, -1)).to(dt)
+            xq = act_quant_8bit(F.rms_norm(x_AD, (x_AD.shape[-1],))).to(dt)
+            h = grouped_mm(xq, w_in, offs_E, counts)
+            p = _act_fwd(h, self.activation).float()
+            pq = act_quant_8bit(F.rms_norm(p, (p.shape[-1],))).to(dt)
+            o = grouped_mm(pq, w_out, offs_E, counts)
+            return o.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, activation={self.activation}, bitnet={self.bitnet}"
 
 
-def expert_offsets(counts_E: Tensor) -> Tuple[Tensor, List[int]]:
-    """Cumulative int32 end offsets for the grouped matmul, and the counts as a Python list."""
-    return counts_E.cumsum(0).to(torch.int32), counts_E.tolist()
+def expert_offsets(counts_E: Tensor, with_counts: bool = True) -> Tuple[Tensor, Counts]:
+    """Cumulative int32 end offsets for the grouped matmul, and the counts as a Python list (a host
+    sync) when ``with_counts``; ``None`` otherwise (the fast path does not need them)."""
+    return counts_E.cumsum(0).to(torch.int32), (counts_E.tolist() if with_counts else None)

@@ -97,9 +97,11 @@ class MHMoE(nn.Module):
         S = T * h
         capacity = None if c.capacity_factor is None else expert_capacity(S, E, K, c.capacity_factor)
         plan = permute(idx_SK, E, capacity)
-        offs_E, counts = expert_offsets(plan.counts_E)
+        # no Python list of counts here: the grouped kernel reads the device offsets, so a dropless
+        # forward makes no host-device sync (the fallback loop derives the list itself)
+        offs_E, _ = expert_offsets(plan.counts_E, with_counts=False)
         gate_A = gates_SK.t().reshape(-1)[plan.order_A]
-        y_SDh = self.experts(s_SDh, plan.token_A, gate_A.to(s_SDh.dtype), offs_E, counts)
+        y_SDh = self.experts(s_SDh, plan.token_A, gate_A, offs_E)
         if c.sub_token_residual:
             y_SDh = y_SDh + s_SDh
         y_TD = self.merge(y_SDh.reshape(T, c.d_model))  # token merge: heads concatenated in order
@@ -122,7 +124,7 @@ class MHMoE(nn.Module):
                 num_tokens=T,
                 expert_ratio=ratio_E,
                 activation_ratio=(ratio_E > c.activation_threshold).float().mean(),
-                dropped_fraction=torch.tensor(plan.num_dropped / max(S * K, 1)),
+                dropped_fraction=plan.num_dropped.float() / max(S * K, 1),
                 divergence=sub_token_divergence(idx_SK, h),
             )
         return y_TD, out

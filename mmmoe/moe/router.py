@@ -1,7 +1,9 @@
 """Routers over sub-tokens, top-k selection, and the router losses.
 
 Shape legend: S = routed sub-tokens, D = sub-token width, E = experts, K = top-k.
-Router logits and probabilities are computed in float32 (float64 stays float64).
+Router logits and probabilities are computed in float32 (float64 stays float64), also inside a
+``torch.autocast`` region (which is switched off for the router: expert choices must not flip with
+bf16 rounding of the logits).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class SoftmaxRouter(nn.Module):
 
     def forward(self, s_SD: Tensor) -> Tensor:
         dt = _router_dtype(s_SD)
-        return F.linear(s_SD.to(dt), self.proj.weight.to(dt))
+        with torch.autocast(s_SD.device.type, enabled=False):
+            return F.linear(s_SD.to(dt), self.proj.weight.to(dt))
 
 
 class XMoERouter(nn.Module):
@@ -43,10 +46,11 @@ class XMoERouter(nn.Module):
 
     def forward(self, s_SD: Tensor) -> Tensor:
         dt = _router_dtype(s_SD)
-        z_SR = F.normalize(F.linear(s_SD.to(dt), self.proj.weight.to(dt)), dim=-1)
-        e_ER = F.normalize(self.expert_embed.to(dt), dim=-1)
-        tau = self.temperature.to(dt).clamp(min=1e-2)
-        return (z_SR @ e_ER.t()) / tau
+        with torch.autocast(s_SD.device.type, enabled=False):
+            z_SR = F.normalize(F.linear(s_SD.to(dt), self.proj.weight.to(dt)), dim=-1)
+            e_ER = F.normalize(self.expert_embed.to(dt), dim=-1)
+            tau = self.temperature.to(dt).clamp(min=1e-2)
+            return (z_SR @ e_ER.t()) / tau
 
 
 def route(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
