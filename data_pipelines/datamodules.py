@@ -12,6 +12,12 @@ workers and to copy to the GPU; with DataLoader workers it is the faster setting
 ``scripts/benchmark_data.py``); the model then calls ``data_pipelines.wds.normalize_images(batch)``,
 e.g. in ``on_after_batch_transfer``, which gives the same float32 tensors on the device.
 
+Data parallelism: the task data modules (VQA, NLVR2, captions, text) read each training shard
+once per epoch in one process. Under DDP (world size > 1) their training reader instead resamples
+shards with an epoch of the shard set's sample count (from its manifest), split evenly over the
+ranks: every rank then runs the same number of steps, where epoch readers would hand ranks
+different numbers of batches and leave the others waiting in the gradient all-reduce forever.
+
 Skipped samples: each loader logs one summary line per reader at the end of every complete pass
 (epoch); ``skip_report()`` returns the counts of the epochs closed since its previous call; add
 ``SkipReportCallback()`` to the Trainer to log them as metrics ``skipped/<reader>/<kind>`` at the
@@ -21,6 +27,7 @@ end of every train and validation epoch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -29,6 +36,8 @@ from pytorch_lightning.utilities import CombinedLoader
 
 from . import wds as readers
 from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RATIO
+
+log = logging.getLogger(__name__)
 
 Urls = Union[str, Sequence[str]]
 TextUrls = Union[Urls, Mapping[str, Urls]]
@@ -221,6 +230,29 @@ class _TaskDataModule(ReaderDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         raise NotImplementedError
 
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "world_size", 1) or 1)
+
+    def _stream_args(self, split: str) -> Dict[str, Any]:
+        """Reader options of ``split``: under data parallelism the training reader resamples
+        shards, with an epoch of the shard set's sample count (see the module docstring)."""
+        world = self._world_size()
+        if split != "train" or world <= 1:
+            return {}
+        urls = self.splits["train"]
+        sets = list(urls.values()) if isinstance(urls, Mapping) else [urls]
+        totals = [readers.manifest_total(u) for u in sets]
+        if any(t is None for t in totals):
+            raise ValueError(
+                f"data.train={urls!r}: training on {world} processes needs the shard set's sample count, "
+                "to give every rank the same number of steps; name the shards by their manifest "
+                "(<prefix>.manifest.json, written by `mmmoe data shards`)"
+            )
+        total = sum(totals)
+        log.info("%d processes: the training reader resamples shards, %d samples per epoch over all ranks", world, total)
+        return dict(resampled=True, epoch_samples=total)
+
     def setup(self, stage: Optional[str] = None) -> None:
         self.tokenizer = load_tokenizer(self.tokenizer)
         for split, urls in self.splits.items():
@@ -275,7 +307,7 @@ class VQADataModule(_TaskDataModule):
         from tasks.metrics.vqa import normalize_answer  # the official normalisation (the vocabulary's form)
 
         return readers.vqa_pipeline(
-            urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train",
+            urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train", **self._stream_args(split),
             batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,
             normalize_answer=normalize_answer,
             normalize=h.normalize,
@@ -307,7 +339,7 @@ class NLVR2DataModule(_TaskDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         h = self.hparams
         return readers.nlvr2_pipeline(
-            urls, self.tokenizer, image_size=h.image_size, train=split == "train", batch_size=h.batch_size,
+            urls, self.tokenizer, image_size=h.image_size, train=split == "train", **self._stream_args(split), batch_size=h.batch_size,
             max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
         )
 
@@ -337,7 +369,7 @@ class CaptionDataModule(_TaskDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         h = self.hparams
         return readers.caption_pipeline(
-            urls, self.tokenizer, image_size=h.image_size, train=split == "train", batch_size=h.batch_size,
+            urls, self.tokenizer, image_size=h.image_size, train=split == "train", **self._stream_args(split), batch_size=h.batch_size,
             max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
         )
 
@@ -369,6 +401,6 @@ class TextDataModule(_TaskDataModule):
     def _build(self, urls: TextUrls, split: str) -> readers.Pipeline:
         h = self.hparams
         return readers.text_pipeline(
-            urls, self.tokenizer, train=split == "train", batch_size=h.batch_size, max_len=h.max_len, mlm_ratio=h.mlm_ratio,
+            urls, self.tokenizer, train=split == "train", **self._stream_args(split), batch_size=h.batch_size, max_len=h.max_len, mlm_ratio=h.mlm_ratio,
             weights=h.weights, alpha=h.alpha, shuffle_buffer=h.shuffle_buffer,
         )

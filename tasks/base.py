@@ -22,6 +22,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from mmmoe.models import BackboneOutput, MultiwayTransformer, create_model
+from mmmoe.models.multiway_transformer import INPUT_KINDS
 from mmmoe.moe import MHMoE
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,14 @@ class MMMoEModule(pl.LightningModule):
             weights initialise the module (fine-tuning); loaded weights-only.
     """
 
+    #: The kinds of input this task feeds the backbone (``mmmoe.models.multiway_transformer.INPUT_KINDS``).
+    #: Parameters that none of them reaches (e.g. the vision and language FFN ways of the top
+    #: vision-language blocks for image-text tasks, the whole vision side for a language model)
+    #: are frozen when fitting starts, so DDP expects a gradient for exactly what the loss uses.
+    backbone_inputs: Tuple[str, ...] = INPUT_KINDS
+    #: Whether image inputs carry a patch mask (masked image modelling uses the mask token).
+    masked_images: bool = False
+
     def __init__(
         self,
         model: str = "tiny",
@@ -229,6 +238,28 @@ class MMMoEModule(pl.LightningModule):
     @property
     def config(self):
         return self.backbone.config
+
+    # ------------------------------------------------------------------ used parameters
+    def input_kinds(self) -> Tuple[str, ...]:
+        """The input kinds of this run (``backbone_inputs``; pretraining asks its data module)."""
+        return tuple(self.backbone_inputs)
+
+    def freeze_unused(self) -> List[str]:
+        """Freeze (``requires_grad=False``) the backbone parameters that no forward of this run's
+        input kinds reaches, and return their names. They stay in the state dict and in
+        checkpoints; only the optimiser and DDP's gradient reduction leave them out."""
+        names = self.backbone.unused_parameters(self.input_kinds(), self.masked_images)
+        params = dict(self.backbone.named_parameters())
+        for n in names:
+            params[n].requires_grad_(False)
+        if names:
+            log.info("frozen %d backbone tensors that inputs %s never reach (e.g. %s)",
+                     len(names), "/".join(self.input_kinds()), names[0])
+        return names
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.freeze_unused()
 
     # ------------------------------------------------------------------ weights
     def load_pretrained(self, path: PathLike) -> Dict[str, List[str]]:
@@ -298,25 +329,40 @@ class MMMoEModule(pl.LightningModule):
         return out.aux_loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_loads = {}
         self._step_tokens = 0
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After backward and the optimiser step: ``train/tokens_per_s`` over the whole step, and the
-        aux-loss-free bias update of each such MoE layer (once per step, with its summed load)."""
+        """``train/tokens_per_s`` over the whole batch (forward, backward and, on the last
+        micro-batch, the optimiser step)."""
         if self._step_start is not None and self._step_tokens:
             dt = time.perf_counter() - self._step_start
             if dt > 0:
                 self.log("train/tokens_per_s", float(self._step_tokens) / dt, on_step=True, on_epoch=False)
-        if self._step_loads:
-            layers = self.backbone.moe_layers()
-            for key, load in self._step_loads.items():
-                layer = layers.get(key)
-                if isinstance(layer, MHMoE) and layer.config.balancing == "aux_free":
-                    layer.update_balancing(load)
-        self._step_loads = {}
         self._step_tokens = 0
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, then the aux-loss-free bias update of each such MoE layer: once per
+        optimiser step, with the expert load summed over the step's forwards, its micro-batches
+        (gradient accumulation) and every data-parallel rank, so all ranks apply the same update."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_balancing()
+
+    def update_balancing(self) -> None:
+        """Apply and clear the loads gathered since the last optimiser step (see ``optimizer_step``)."""
+        loads, self._step_loads = self._step_loads, {}
+        layers = [(k, m) for k, m in self.backbone.moe_layers().items() if m.config.balancing == "aux_free"]
+        if not layers:
+            return
+        # a fixed layout on every rank (a way that got no tokens here contributes zeros), so that
+        # one all-reduce sums the loads of all layers
+        flat = torch.cat([loads[k].float() if k in loads else m.expert_bias.new_zeros(m.config.num_experts)
+                          for k, m in layers])
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        for (k, m), load in zip(layers, flat.split([m.config.num_experts for _, m in layers])):
+            m.update_balancing(load)
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Store the tokenizer path absolute, so ``mmmoe evaluate`` / ``predict`` find it from any

@@ -219,6 +219,8 @@ class CaptionModule(MMMoEModule):
 
     TASK = "caption"
 
+    backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
+
     def __init__(
         self,
         model: str = "tiny",

@@ -322,6 +322,8 @@ class CausalLMModule(_TextLMModule):
     METRIC = "lm_perplexity"
     PER_LANGUAGE = False
 
+    backbone_inputs = ("text",)  # text only: the vision side is frozen (see MMMoEModule.backbone_inputs)
+
     def __init__(
         self,
         model: str = "tiny",

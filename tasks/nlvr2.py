@@ -49,6 +49,8 @@ class NLVR2Module(MMMoEModule):
 
     TASK = "nlvr2"
 
+    backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
+
     def __init__(
         self,
         eval_data: Optional[str] = None,

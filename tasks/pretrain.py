@@ -70,6 +70,18 @@ class PretrainModule(MMMoEModule):
         text_mlm_weight: weight of the MLM loss of text-only batches.
     """
 
+    masked_images = True  # masked image modelling
+
+    def input_kinds(self) -> Tuple[str, ...]:
+        """The data kinds the data module provides (all three unless some are not configured)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        h = getattr(dm, "hparams", None)
+        if h and all(k in h for k in ("image_text", "image", "text")):
+            kinds = tuple(k for k in ("image_text", "image", "text") if h[k] is not None)
+            if kinds:
+                return kinds
+        return tuple(self.backbone_inputs)
+
     def __init__(
         self,
         model: str = "tiny",
@@ -184,7 +196,9 @@ class PretrainModule(MMMoEModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        """Fail early (with the field names) when the data module's shapes do not fit the model."""
+        """Fail early (with the field names) when the data module's shapes do not fit the model;
+        freeze what the configured data kinds never reach (``MMMoEModule.setup``)."""
+        super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         h = getattr(dm, "hparams", None)
         if not h:

@@ -147,6 +147,8 @@ class VQAModule(MMMoEModule):
 
     TASK = "vqa"
 
+    backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
+
     def __init__(
         self,
         answer_vocab: Union[str, List[str]],

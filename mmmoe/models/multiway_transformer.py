@@ -15,7 +15,7 @@ Padding convention: ``text_pad_mask`` and every ``padding_mask`` here are True a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from timm.layers import DropPath
@@ -27,6 +27,9 @@ from mmmoe.layers.embeddings import LANGUAGE, VISION, VL, TextEmbedding, VisionE
 from mmmoe.layers.multiway import MultiwayFFN
 from mmmoe.models.config import ATTN_MODES, ModelConfig
 from mmmoe.moe import MHMoE, MoEOutput
+
+#: the kinds of input a forward can take: image only, text only, image and text together
+INPUT_KINDS = ("image", "text", "image_text")
 
 
 @dataclass
@@ -148,6 +151,36 @@ class MultiwayTransformer(nn.Module):
             for name, way in blk.ffn.ways.items()
             if isinstance(way, MHMoE)
         }
+
+    def unused_parameters(self, inputs: Iterable[str], masked_images: bool = False) -> List[str]:
+        """Names of the parameters that no forward on the given input kinds reaches.
+
+        ``inputs``: a subset of ``INPUT_KINDS`` ("image", "text", "image_text"); ``masked_images``:
+        whether image inputs carry a patch mask (masked image modelling uses the mask token).
+        Image-text input sends every token through the vision-language way of the top blocks, so
+        their vision and language ways only serve image-only and text-only input; text-only input
+        never reaches the vision embedding or a vision way. A task that never feeds some kind
+        (VQA: image-text only; a language model: text only) freezes these, so distributed training
+        expects gradients exactly for what its loss uses."""
+        kinds = set(inputs)
+        if not kinds or not kinds <= set(INPUT_KINDS):
+            raise ValueError(f"inputs={sorted(kinds)} is invalid: a non-empty subset of {list(INPUT_KINDS)}")
+        has_image = bool(kinds & {"image", "image_text"})
+        has_text = bool(kinds & {"text", "image_text"})
+        unused_prefixes = []
+        if not has_image:
+            unused_prefixes.append("vision_embed.")
+        elif not masked_images:
+            unused_prefixes.append("vision_embed.mask_token")
+        if not has_text:
+            unused_prefixes.append("text_embed.")
+        for i, blk in enumerate(self.blocks):
+            if blk.ffn.has_vl:  # image-text tokens take the vl way here
+                used = {"vision": "image" in kinds, "language": "text" in kinds, "vl": "image_text" in kinds}
+            else:
+                used = {"vision": has_image, "language": has_text}
+            unused_prefixes += [f"blocks.{i}.ffn.ways.{w}." for w, u in used.items() if not u]
+        return [n for n, _ in self.named_parameters() if n.startswith(tuple(unused_prefixes))]
 
     def no_weight_decay(self) -> set:
         """Parameter names that should not be weight-decayed (embeddings, positions, tokens)."""
