@@ -68,8 +68,9 @@ def main() -> int:
     rows, failed = [], 0
     for i, cfg in enumerate(args.configs, 1):
         cmd = [sys.executable, "-m", "tasks.cli", "fit", "--config", str(ROOT / cfg), "--config", str(ROOT / args.trainer),
-               f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=2", "--trainer.val_check_interval=null",
-               "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"]
+               f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=2",
+               f"--trainer.val_check_interval={args.steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.enable_progress_bar=false",
+               "--trainer.log_every_n_steps=1"]
         if args.precision:
             cmd.append(f"--trainer.precision={args.precision}")
         print(f"[{i}/{len(args.configs)}] {cfg} ...", flush=True)

@@ -192,6 +192,7 @@ class _TextLMModule(MMMoEModule):
     TASK = "lm"
     METRIC = "lm_perplexity"
     PER_LANGUAGE = False
+    backbone_inputs = ("text",)  # text only: the vision side is frozen (see MMMoEModule.backbone_inputs)
 
     def _build_head(self, tie_embeddings: bool) -> None:
         c = self.config
@@ -321,8 +322,6 @@ class CausalLMModule(_TextLMModule):
     TASK = "lm"
     METRIC = "lm_perplexity"
     PER_LANGUAGE = False
-
-    backbone_inputs = ("text",)  # text only: the vision side is frozen (see MMMoEModule.backbone_inputs)
 
     def __init__(
         self,

@@ -20,7 +20,9 @@ def test_aux_free_bias_is_updated_once_per_step_with_the_summed_load():
         m.moe_loss_and_log(o, "x", 2)
     # no bias moves before the step ends (forward never changes it)
     assert all(torch.equal(l.expert_bias, before[k]) for k, l in layers.items())
-    m.on_train_batch_end(None, None, 0)
+    m.on_train_batch_end(None, None, 0)  # a micro-batch ending is not an optimiser step
+    assert all(torch.equal(l.expert_bias, before[k]) for k, l in layers.items())
+    m.update_balancing()  # what optimizer_step runs after the optimiser's step
     for key, layer in layers.items():
         loads = [o.moe[key].expert_load for o in outs if key in o.moe]
         if not loads:
