@@ -78,7 +78,7 @@ def test_the_expected_configs_exist():
     names = {str(p.relative_to(CONFIG_DIR)) for p in CONFIGS}
     expected = {"pretrain/tiny.yaml", "pretrain/base.yaml"}
     expected |= {f"model/{v}.yaml" for v in VARIANTS}
-    expected |= {f"trainer/{t}.yaml" for t in ("cpu", "1gpu", "multi-gpu", "multi-node")}
+    expected |= {f"trainer/{t}.yaml" for t in ("cpu", "cpu-ddp", "1gpu", "multi-gpu", "multi-node")}
     assert expected <= names, sorted(expected - names)
 
 
@@ -131,7 +131,8 @@ def test_model_fragments_give_matched_variants(parser):
 
 
 def test_trainer_fragments(parser):
-    want = {"cpu": ("cpu", 1, 1), "1gpu": ("gpu", 1, 1), "multi-gpu": ("gpu", -1, 1), "multi-node": ("gpu", 8, 4)}
+    want = {"cpu": ("cpu", 1, 1), "cpu-ddp": ("cpu", 2, 1), "1gpu": ("gpu", 1, 1), "multi-gpu": ("gpu", -1, 1),
+            "multi-node": ("gpu", 8, 4)}
     for name, (acc, devices, nodes) in want.items():
         t = parse(parser, TINY, CONFIG_DIR / "trainer" / f"{name}.yaml").trainer
         assert (t.accelerator, t.devices, t.num_nodes, t.precision) == (acc, devices, nodes, "auto"), name
