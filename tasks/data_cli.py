@@ -136,7 +136,7 @@ def _run_writer(ns: argparse.Namespace, call: Callable[[], Dict[str, Any]]) -> i
         log.setLevel(logging.INFO)
     try:
         manifest = call()
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing / unreadable / malformed input, unwritable --out
         print(f"mmmoe: error: {e}", file=sys.stderr)
         return 2
     finally:
