@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import tempfile
+import tracemalloc
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -282,6 +283,23 @@ def hostile_shard(names: Sequence[str], n_good: int = 2, seed: int = 0) -> Tuple
     return tar(members, end=not structural), texts, counts
 
 
+def many_tiny_members(n: int = 100_000, key: str = "many", unread: bool = True) -> bytes:
+    """``n`` zero-byte members (no end block): ``<key>.x000000`` ... (one sample of members nobody
+    reads) when ``unread``, else ``<key>000000.jpg`` ... (one empty-image sample each). Headers are
+    patched from one template (digits and checksum), ~1 us each."""
+    width = max(6, len(str(n - 1)))
+    template = header(f"{key}.x{0:0{width}d}" if unread else f"{key}{0:0{width}d}.jpg")
+    at = len(key) + 2 if unread else len(key)
+    base = sum(template) - sum(template[148:156]) + 8 * 32 - sum(template[at:at + width])
+    out = bytearray(template * n)
+    for i in range(n):
+        digits = b"%0*d" % (width, i)
+        o = i * BLOCK
+        out[o + at:o + at + width] = digits
+        out[o + 148:o + 156] = b"%06o\x00 " % (base + sum(digits))
+    return bytes(out)
+
+
 # ------------------------------------------------------------------------------ mutations
 def mutate(raw: bytes, rng: random.Random) -> Tuple[bytes, int, str]:
     """One random mutation of a shard: (new bytes, first changed offset, description)."""
@@ -389,6 +407,7 @@ class ReadResult:
     skips: Dict[str, int] = field(default_factory=dict)  # non-zero skip counts by kind
     samples: int = 0
     error: Optional[BaseException] = None  # anything that escaped the reader: a crash
+    heap_peak: int = 0  # bytes: Python heap peak while reading, above what was held (when tracemalloc runs)
 
 
 def read_shard(raw: bytes, folder: str, image_size: int = 16, batch_size: int = 8) -> ReadResult:
@@ -403,6 +422,11 @@ def read_shard(raw: bytes, folder: str, image_size: int = 16, batch_size: int = 
     tok = ByteTokenizer()
     pipe = W.image_text_pipeline(path, tok, image_size=image_size, patch_size=4, batch_size=batch_size,
                                  train=False, image_mask_ratio=None, mlm_ratio=None)
+    del raw  # (the caller's copy may live on; this one need not)
+    tracing = tracemalloc.is_tracing()
+    if tracing:
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
     try:
         for batch in pipe:
             assert batch["image"].shape[1:] == (3, image_size, image_size)
@@ -412,6 +436,8 @@ def read_shard(raw: bytes, folder: str, image_size: int = 16, batch_size: int = 
                 out.samples += 1
     except Exception as exn:  # noqa: BLE001 - the point: report it, the caller counts crashes
         out.error = exn
+    if tracing:
+        out.heap_peak = max(0, tracemalloc.get_traced_memory()[1] - held)
     out.skips = {k: v for k, v in pipe.skips.counts().items() if v}
     return out
 
@@ -432,6 +458,60 @@ def check_mutation(base_texts: Dict[str, str], ranges: Sequence[Tuple[int, int]]
     if len(result.texts) != result.samples:
         problems.append(f"{result.samples} samples delivered under {len(result.texts)} keys")
     return problems
+
+
+def fuzz_hostile(rng: random.Random, scratch: str, it: int) -> Tuple[str, ReadResult, List[str]]:
+    """One fuzz iteration: good samples around 1-4 random hostile ones (+ a structural break half
+    the time), checked exactly. (description, result, problems)."""
+    names = [n for n in HOSTILE if not HOSTILE[n].structural]
+    chosen = rng.sample(names, rng.randint(1, 4))
+    if rng.random() < 0.5:
+        chosen.append(rng.choice([n for n in HOSTILE if HOSTILE[n].structural]))
+    raw, texts, counts = hostile_shard(chosen, n_good=rng.randint(1, 3), seed=it % 1000)
+    result = read_shard(raw, scratch)
+    problems = []
+    if result.error is not None:
+        problems.append(f"crash: {type(result.error).__name__}: {result.error}")
+    if result.texts != texts:
+        lost = sorted(set(texts) - set(result.texts))[:3]
+        extra = sorted(set(result.texts) - set(texts))[:3]
+        problems.append(f"delivered samples differ (lost {lost}, unexpected {extra})")
+    if result.skips != counts:
+        problems.append(f"skips {result.skips} != expected {counts}")
+    return f"hostile {'+'.join(chosen)}", result, problems
+
+
+def fuzz_mutated(rng: random.Random, scratch: str, it: int) -> Tuple[str, ReadResult, List[str]]:
+    """One fuzz iteration: a good shard after 1-3 random mutations, checked with
+    ``check_mutation``. (description, result, problems)."""
+    raw, texts, ranges = good_shard(rng.randint(1, 6), seed=it % 1000)
+    keys = list(texts)
+    first, what = len(raw), []
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        raw, at, desc = mutate(raw, rng)
+        first = min(first, at)
+        what.append(desc)
+    result = read_shard(raw, scratch)
+    return f"mutated {'; '.join(what)}", result, check_mutation(texts, ranges, keys, first, result)
+
+
+def fuzz_many(rng: random.Random, scratch: str, it: int) -> Tuple[str, ReadResult, List[str]]:
+    """One fuzz iteration: 100,000 tiny members (unread ones in one sample, or 20,000 empty-image
+    samples) between good samples; all good ones delivered, the rest counted."""
+    first = [member(n, d) for n, d in good_sample("first", it)]
+    last = [member(n, d) for n, d in good_sample("last", it + 1)]
+    unread = rng.random() < 0.5
+    tiny = many_tiny_members(100_000 if unread else 20_000, unread=unread)
+    result = read_shard(b"".join(first) + tiny + b"".join(last) + END, scratch)
+    problems = []
+    if result.error is not None:
+        problems.append(f"crash: {type(result.error).__name__}: {result.error}")
+    if sorted(result.texts) != ["first", "last"]:
+        problems.append(f"delivered {sorted(result.texts)[:5]}")
+    want = {"missing_field": 1 if unread else 20_000}  # no caption member: counted before the image
+    if result.skips != want:
+        problems.append(f"skips {result.skips} != {want}")
+    return f"many {'unread members' if unread else 'empty samples'}", result, problems
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory:

@@ -43,11 +43,12 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 MAX_IMAGE_FILE_BYTES = 256 << 20
 
 
-def read_image_file(path: Union[str, "os.PathLike[str]"], max_bytes: int = MAX_IMAGE_FILE_BYTES) -> bytes:
+def read_image_file(path: Union[str, "os.PathLike[str]"], max_bytes: Optional[int] = None) -> bytes:
     """The bytes of one image file, with bounded memory and no hang: ``FileNotFoundError`` when it
     does not exist, ``ValueError`` (naming the file) when it is not a regular file (a folder, FIFO,
-    device: never opened for a blocking read), is empty, or is larger than ``max_bytes``."""
-    return read_regular_file(path, max_bytes, what="image")
+    device: never opened for a blocking read), is empty, or is larger than ``max_bytes`` (default
+    ``MAX_IMAGE_FILE_BYTES``)."""
+    return read_regular_file(path, MAX_IMAGE_FILE_BYTES if max_bytes is None else max_bytes, what="image")
 
 
 def decode_image(data: bytes, target_size: Optional[int] = None) -> Image.Image:

@@ -3,7 +3,7 @@
 
 Each iteration writes one shard into a scratch folder and reads it with the image-text reader
 (``data_pipelines.wds.image_text_pipeline``, eval mode: tar parsing, member grouping, image
-decoding, tokenizing, batching), alternating two kinds of shard:
+decoding, tokenizing, batching), alternating these kinds of shard:
 
   hostile   good samples around a random set of hostile samples (``data_pipelines.hostile.HOSTILE``:
             absolute / ``../`` / control-character names, symlinks, hard links, devices, FIFOs,
@@ -18,10 +18,12 @@ decoding, tokenizing, batching), alternating two kinds of shard:
             rewritten with a valid checksum, gzip, a bit flip inside gzip). Checked: every sample
             whose bytes lie wholly before the first changed byte is delivered unchanged, and no key
             comes twice.
+  many      every 100th shard: 100,000 zero-byte members nobody reads (one sample), or 20,000
+            empty-image samples, between two good samples. Checked exactly.
 
 Every iteration also checks that nothing escaped the reader (a crash) and that nothing was written:
 the scratch folder holds only the shard, and the places hostile names point at do not exist.
-Memory: the Python heap peak of each iteration above what was held before it (tracemalloc, which
+Memory: the Python heap peak while reading each shard, above what was held before (tracemalloc, which
 also sees numpy buffers but not PIL's or torch's own; ``--no-tracemalloc`` to skip it) and the
 process's peak RSS (ru_maxrss, everything). A run passes when crashes and problems are 0 and the largest
 per-iteration heap peak stays under ``--max-peak-mb``.
@@ -80,37 +82,6 @@ def escaped(scratch: str) -> List[str]:
     return bad + [f"{scratch}/{x}" for x in extra]
 
 
-def one_hostile(rng: random.Random, scratch: str, it: int):
-    names = [n for n in H.HOSTILE if not H.HOSTILE[n].structural]
-    chosen = rng.sample(names, rng.randint(1, 4))
-    if rng.random() < 0.5:
-        chosen.append(rng.choice([n for n in H.HOSTILE if H.HOSTILE[n].structural]))
-    raw, texts, counts = H.hostile_shard(chosen, n_good=rng.randint(1, 3), seed=it % 1000)
-    result = H.read_shard(raw, scratch)
-    problems = []
-    if result.error is not None:
-        problems.append(f"crash: {type(result.error).__name__}: {result.error}")
-    if result.texts != texts:
-        lost = sorted(set(texts) - set(result.texts))[:3]
-        extra = sorted(set(result.texts) - set(texts))[:3]
-        problems.append(f"delivered samples differ (lost {lost}, unexpected {extra})")
-    if result.skips != counts:
-        problems.append(f"skips {result.skips} != expected {counts}")
-    return f"hostile {'+'.join(chosen)}", result, problems
-
-
-def one_mutated(rng: random.Random, scratch: str, it: int):
-    raw, texts, ranges = H.good_shard(rng.randint(1, 6), seed=it % 1000)
-    keys = list(texts)
-    first, what = len(raw), []
-    for _ in range(rng.choice([1, 1, 1, 2, 3])):
-        raw, at, desc = H.mutate(raw, rng)
-        first = min(first, at)
-        what.append(desc)
-    result = H.read_shard(raw, scratch)
-    return f"mutated {'; '.join(what)}", result, H.check_mutation(texts, ranges, keys, first, result)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -118,7 +89,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     budget = args.minutes * 60.0
     totals: Dict[str, int] = {}
-    stats = {"iterations": 0, "hostile_shards": 0, "mutated_shards": 0, "samples_delivered": 0,
+    stats = {"iterations": 0, "hostile_shards": 0, "mutated_shards": 0, "many_shards": 0, "samples_delivered": 0,
              "crashes": 0, "problems": 0, "max_iteration_heap_peak_mb": 0.0}
     first_problems: List[str] = []
     worst = ""
@@ -136,13 +107,11 @@ def main(argv=None) -> int:
             it = 0
             while (args.iterations is None and time.monotonic() - start < budget) or \
                     (args.iterations is not None and it < args.iterations):
+                kind = "many" if it % 100 == 99 else "hostile" if it % 2 == 0 else "mutated"
+                label, result, problems = {"many": H.fuzz_many, "hostile": H.fuzz_hostile,
+                                           "mutated": H.fuzz_mutated}[kind](rng, scratch, it)
                 if not args.no_tracemalloc:
-                    tracemalloc.reset_peak()
-                    held_before = tracemalloc.get_traced_memory()[0]
-                kind = "hostile" if it % 2 == 0 else "mutated"
-                label, result, problems = (one_hostile if kind == "hostile" else one_mutated)(rng, scratch, it)
-                if not args.no_tracemalloc:
-                    peak_mb = (tracemalloc.get_traced_memory()[1] - held_before) / 2**20  # above what was held
+                    peak_mb = result.heap_peak / 2**20  # while reading, above what was held before
                     if peak_mb > stats["max_iteration_heap_peak_mb"]:
                         stats["max_iteration_heap_peak_mb"], worst = peak_mb, label
                     if peak_mb > args.max_peak_mb:
@@ -175,7 +144,8 @@ def main(argv=None) -> int:
     stats["max_iteration_heap_peak_mb"] = round(stats["max_iteration_heap_peak_mb"], 2)
     stats["worst_heap_iteration"] = worst
     print(f"\nshards read:        {stats['iterations']} ({stats['hostile_shards']} hostile, "
-          f"{stats['mutated_shards']} mutated) in {stats['seconds']} s")
+          f"{stats['mutated_shards']} mutated, {stats['many_shards']} with 20,000-100,000 tiny members) "
+          f"in {stats['seconds']} s")
     print(f"samples delivered:  {stats['samples_delivered']}")
     print(f"skipped by kind:    " + ", ".join(f"{k}={v}" for k, v in stats["skipped_by_kind"].items()))
     print(f"crashes:            {stats['crashes']}")
