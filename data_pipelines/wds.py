@@ -417,7 +417,7 @@ members in ``keep`` are read; a member above ``max_member_bytes`` drops its samp
 sample with a member named by an absolute path, a ``..`` part or control characters is dropped
 (``unsafe_name``), and so is one whose member is a link, device or FIFO (``special_member``: never
 followed). Nothing is extracted or written anywhere. Memory stays bounded: at most one sample in
-progress, of at most ``len(keep)`` members of at most ``max_member_bytes`` each.
+progress, of at most ``len(keep)`` members (with ``keep`` given) of at most ``max_member_bytes`` each.
 """
 
 
