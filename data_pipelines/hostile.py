@@ -193,6 +193,10 @@ class Hostile:
     delivers: Optional[Callable[[str], str]] = None  # odd but good: the key it is delivered under
 
 
+def _noise(key: str, n: int) -> bytes:
+    return random.Random(key).randbytes(n)  # repeatable per key (a fuzz run repeats for its seed)
+
+
 def _txt(key: str) -> bytes:
     return member(f"{key}.txt", b"a caption")
 
@@ -225,7 +229,7 @@ HOSTILE: Dict[str, Hostile] = {
                               {"missing_field": 1}, doc="a link nobody reads: only the empty sample is counted"),
     "zero_byte_image": Hostile(lambda k: member(f"{k}.jpg", b"") + _txt(k), {"corrupt_image": 1}),
     "zero_byte_text": Hostile(lambda k: _img(k) + member(f"{k}.txt", b""), {"missing_field": 1}),
-    "not_an_image": Hostile(lambda k: member(f"{k}.jpg", b"GIF89a? no: " + os.urandom(200)) + _txt(k), {"corrupt_image": 1}),
+    "not_an_image": Hostile(lambda k: member(f"{k}.jpg", b"GIF89a? no: " + _noise(k, 200)) + _txt(k), {"corrupt_image": 1}),
     "eps_image": Hostile(lambda k: member(f"{k}.jpg", EPS) + _txt(k), {"corrupt_image": 1},
                          doc="PostScript: never handed to Ghostscript"),
     "truncated_jpeg": Hostile(lambda k: member(f"{k}.jpg", jpeg(pixels(3, 64, 64))[:300]) + _txt(k), {"corrupt_image": 1}),
@@ -254,7 +258,7 @@ HOSTILE: Dict[str, Hostile] = {
                                 doc="a GNU base-256 size of 2^87 bytes"),
     "claims_negative": Hostile(lambda k: header(f"{k}.jpg", size_field=b"\xff" * 12) + bytes(BLOCK),
                                {"truncated_tar": 1}, structural=True),
-    "garbage_header": Hostile(lambda k: os.urandom(BLOCK), {"truncated_tar": 1}, structural=True),
+    "garbage_header": Hostile(lambda k: _noise(k, BLOCK), {"truncated_tar": 1}, structural=True),
     "no_end_block": Hostile(lambda k: b"", {"truncated_tar": 1}, structural=True, doc="the shard just stops"),
 }
 
@@ -305,7 +309,7 @@ def mutate(raw: bytes, rng: random.Random) -> Tuple[bytes, int, str]:
     """One random mutation of a shard: (new bytes, first changed offset, description)."""
     n = len(raw)
     if n < 2 * BLOCK:  # too little left to mutate block-wise
-        return raw + os.urandom(rng.randrange(1, 600)), n, "append random bytes"
+        return raw + rng.randbytes(rng.randrange(1, 600)), n, "append random bytes"
     op = rng.choice(["flip", "flips", "byte", "truncate", "insert", "delete", "dup_block", "splice",
                      "header_field", "zero_block", "gzip", "gzip_flip"])
     b = bytearray(raw)
@@ -327,7 +331,7 @@ def mutate(raw: bytes, rng: random.Random) -> Tuple[bytes, int, str]:
         return raw[:i], i, f"truncate at {i}"
     if op == "insert":
         i = rng.randrange(n)
-        return raw[:i] + os.urandom(rng.choice([1, 7, 512, 1000])) + raw[i:], i, f"insert at {i}"
+        return raw[:i] + rng.randbytes(rng.choice([1, 7, 512, 1000])) + raw[i:], i, f"insert at {i}"
     if op == "delete":
         i = rng.randrange(n)
         k = rng.choice([1, 100, 512, 2048])

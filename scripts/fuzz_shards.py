@@ -59,11 +59,10 @@ ESCAPE_TARGETS = ("/tmp/mmmoe-evil", "../../mmmoe-evil", "../mmmoe-evil", "mmmoe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Fuzz the WebDataset shard readers with hostile and damaged shards (see the module "
-        "docstring); prints samples delivered, skips by kind, crashes and peak memory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument("--minutes", type=float, default=1.0, help="how long to run")
     p.add_argument("--iterations", type=int, default=None, help="stop after this many shards instead")
     p.add_argument("--seed", type=int, default=0, help="random seed (a run is repeatable for a seed and iteration count)")
