@@ -4,13 +4,11 @@ escaping the input folder, garbage / huge / deeply nested JSON, wrong types, lon
 Every case ends in a clear error or a counted skip, never a crash trace, a hang or a write outside
 the output folder. (The CLI round trip of predict with a real checkpoint: test_evaluate_cli.)"""
 
-import io
 import json
 import os
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from data_pipelines import hostile as H
 from data_pipelines import shards as S

@@ -8,7 +8,6 @@ import io
 import logging
 import os
 import random
-import tarfile
 import tracemalloc
 
 import pytest
