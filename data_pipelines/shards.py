@@ -13,6 +13,13 @@ manifest ``<out_dir>/<prefix>.manifest.json``, and returns the manifest dict.
   summary warning) and counted in the manifest's ``"skipped"`` field, counted in samples that were
   not written. A missing *input file* (the JSON / JSONL / captions file itself, or the image root)
   raises :class:`FileNotFoundError` naming the path.
+* Hostile input is bounded and contained: a path taken from an input file that is absolute, has a
+  ``..`` part or a NUL byte is skipped as escaping the folder; an image file that is not a regular
+  file (FIFO, device: never opened for a blocking read) or is larger than the readers accept
+  (``tario.MAX_MEMBER_BYTES``) is skipped; a JSON input file above ``MAX_JSON_BYTES``, not UTF-8,
+  malformed or nested too deeply is a :class:`ValueError` naming it; in JSON-lines / TSV / text
+  inputs such a line (or one above ``MAX_LINE_BYTES``) is skipped and counted instead. Keys are
+  capped at ``MAX_KEY_CHARS`` characters. Nothing is written outside ``out_dir``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from data_pipelines import tario
+from data_pipelines.safe_io import read_regular_file
 from data_pipelines.schema import (
     IMAGE_KEY,
     KINDS,
@@ -45,13 +54,20 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: How many skipped records are logged one by one (at WARNING) before the rest go to DEBUG.
 MAX_LOGGED_SKIPS = 20
 
+#: Largest JSON input file read whole (VQA's largest official file, train annotations, is ~330 MB).
+MAX_JSON_BYTES = 1 << 30
+#: Longest line of a JSON-lines / TSV / text input; longer lines are skipped and counted.
+MAX_LINE_BYTES = 16 << 20
+#: Longest sample key written (readers cap member names at tario.MAX_NAME_BYTES).
+MAX_KEY_CHARS = 200
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SHARD_INDEX = re.compile(r"-(\d{6})\.tar$")
 
 
-class BadRecord(Exception):
+class BadRecord(ValueError):
     """A source record that cannot be turned into a sample; the writers skip and count it."""
 
 
@@ -62,7 +78,7 @@ class BadRecord(Exception):
 
 def sanitize_key(text: str) -> str:
     """Map ``text`` to a WebDataset key: letters, digits, ``_`` and ``-`` only (never a dot)."""
-    key = _KEY_UNSAFE.sub("_", str(text)).strip("_")
+    key = _KEY_UNSAFE.sub("_", str(text)[: 4 * MAX_KEY_CHARS]).strip("_")[:MAX_KEY_CHARS]
     return key or "x"
 
 
@@ -78,20 +94,34 @@ def _looks_like_image(data: bytes) -> bool:
     )
 
 
-def read_image_bytes(path: PathLike, check: bool = True) -> bytes:
-    """The raw bytes of an image file; :class:`BadRecord` when missing, empty or not an image."""
+def read_image_bytes(path: PathLike, check: bool = True, max_bytes: int = tario.MAX_MEMBER_BYTES) -> bytes:
+    """The raw bytes of an image file; :class:`BadRecord` when missing, empty, not a regular file
+    (never blocks on a FIFO), larger than ``max_bytes`` (never reads more) or not an image."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(path, max_bytes, what="image file")
     except FileNotFoundError:
         raise BadRecord(f"image file not found: {path}") from None
-    except OSError as e:
-        raise BadRecord(f"cannot read image file {path}: {e}") from None
-    if not data:
-        raise BadRecord(f"empty image file: {path}")
+    except ValueError as e:
+        raise BadRecord(str(e)) from None
     if check and not _looks_like_image(data):
         raise BadRecord(f"not a known image format (first bytes {data[:8]!r}): {path}")
     return data
+
+
+def _safe_join(root: Path, *parts: Any) -> Path:
+    """``root / part / ...`` for parts taken from an input file; :class:`BadRecord` when a part is
+    not a string, is absolute, has a ``..`` component or a NUL byte (it would leave ``root``)."""
+    out = root
+    for part in parts:
+        if not isinstance(part, str):
+            raise BadRecord(f"path part {part!r} is not a string")
+        if "\x00" in part:
+            raise BadRecord(f"path {part!r} has a NUL byte")
+        pieces = part.replace("\\", "/").split("/")
+        if part.startswith(("/", "\\")) or os.path.isabs(part) or ".." in pieces:
+            raise BadRecord(f"path {part!r} escapes {root}")
+        out = out / part
+    return out
 
 
 def _find_file(candidates: Iterable[Path]) -> Path:
@@ -108,6 +138,8 @@ def _find_file(candidates: Iterable[Path]) -> Path:
 def _require_file(path: PathLike, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
+        if p.exists():
+            raise ValueError(f"{what} is not a regular file: {p}")
         raise FileNotFoundError(f"{what} not found: {p}")
     return p
 
@@ -120,20 +152,72 @@ def _require_dir(path: PathLike, what: str) -> Path:
 
 
 def _load_json(path: Path) -> Any:
+    """A whole JSON file; :class:`ValueError` naming it when it is above ``MAX_JSON_BYTES``, not
+    UTF-8, not JSON, or nested too deeply."""
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+        raw = read_regular_file(path, MAX_JSON_BYTES, what="JSON file")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"JSON file not found: {path}") from None
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # over-long integers, deep nesting
+        raise ValueError(f"{path} is not usable JSON: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _lines(path: Path) -> Iterator[Tuple[int, Optional[bytes]]]:
+    """(line number, raw line without its newline) of a file, read with bounded memory; None for
+    a line longer than ``MAX_LINE_BYTES`` (consumed, not kept)."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while True:  # the rest of the over-long line
+                    rest = f.readline(1 << 20)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                yield lineno, None
+                continue
+            yield lineno, raw.rstrip(b"\r\n")
+
+
+def _json_line(raw: bytes) -> Any:
+    """One JSON-lines record; :class:`BadRecord` for bad UTF-8, malformed or too deep JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadRecord(f"not UTF-8 ({e.reason})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadRecord(f"not a JSON record: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _encode_member(name: str, value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if name.endswith("json") and isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+        data = bytes(value)
+    elif isinstance(value, str):
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. "\ud800" escapes in a JSON input
+            raise BadRecord(f"member {name!r} is not encodable as UTF-8 ({e.reason})") from None
+    elif name.endswith("json") and isinstance(value, (dict, list)):
+        try:
+            data = json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, ValueError, RecursionError) as e:
+            raise BadRecord(f"member {name!r} cannot be written as UTF-8 JSON: {type(e).__name__}") from None
+    else:
+        data = None
+    if data is not None:
+        if len(data) > tario.MAX_MEMBER_BYTES:
+            raise BadRecord(f"member {name!r} has {len(data)} bytes; readers skip members above "
+                            f"{tario.MAX_MEMBER_BYTES}")
+        return data
     raise TypeError(
         f"sample member {name!r} has type {type(value).__name__}; only bytes, str, or a dict/list "
         "under a json member are written (nothing is pickled)"
@@ -195,6 +279,7 @@ class ShardWriter:
         self.total = 0
         self.skipped = 0
         self._tar: Optional[tarfile.TarFile] = None
+        self._file: Any = None
         self._tmp_path: Optional[Path] = None
         self._final_path: Optional[Path] = None
         self._count = 0
@@ -264,6 +349,17 @@ class ShardWriter:
         self._bytes += size
         self.total += 1
 
+    def write_or_skip(self, sample: Mapping[str, Any], where: str = "") -> bool:
+        """``write``, but a sample whose member cannot be encoded (:class:`BadRecord`: text with
+        lone surrogates, JSON too deep, a member above the readers' size limit) is skipped and
+        counted instead; nothing of it is written. True when written."""
+        try:
+            self.write(sample)
+        except BadRecord as e:
+            self.skip(f"{where}: {e}" if where else str(e))
+            return False
+        return True
+
     def skip(self, reason: str, n: int = 1) -> None:
         """Count ``n`` samples as skipped, logging ``reason``."""
         self.skipped += n
@@ -275,7 +371,11 @@ class ShardWriter:
         name = SHARD_NAME.format(prefix=self.prefix, index=index)
         self._final_path = self.out_dir / name
         self._tmp_path = self.out_dir / f"{name}.tmp"
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.GNU_FORMAT)
+        if self._tmp_path.is_symlink():  # a symlink planted at the temporary name: replaced, not followed
+            self._tmp_path.unlink()
+        fd = os.open(self._tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        self._file = os.fdopen(fd, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self._count = 0
         self._bytes = 0
         self._keys = set()
@@ -283,6 +383,7 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._tmp_path is not None and self._final_path is not None
         self._tar.close()
+        self._file.close()
         os.replace(self._tmp_path, self._final_path)
         self.shards.append({"name": self._final_path.name, "samples": self._count})
         logger.info("wrote %s (%d samples)", self._final_path, self._count)
@@ -293,7 +394,10 @@ class ShardWriter:
         """Drop the shard in progress (completed shards stay) and write no manifest."""
         if self._tar is not None:
             try:
-                self._tar.close()
+                try:
+                    self._tar.close()
+                finally:
+                    self._file.close()
             finally:
                 if self._tmp_path is not None and self._tmp_path.exists():
                     self._tmp_path.unlink()
@@ -368,8 +472,18 @@ def read_manifest(path: PathLike) -> Dict[str, Any]:
             raise ValueError(f"{p}: manifest has no {field!r} field")
     if m["kind"] not in KINDS:
         raise ValueError(f"{p}: unknown shard kind {m['kind']!r} (expected one of {KINDS})")
-    if sum(int(s["samples"]) for s in m["shards"]) != int(m["total"]):
+    try:
+        counts = [int(s["samples"]) for s in m["shards"]]
+        names = [s["name"] for s in m["shards"]]
+        total = int(m["total"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{p}: malformed shards list or total ({type(e).__name__}: {e})") from None
+    if sum(counts) != total:
         raise ValueError(f"{p}: per-shard sample counts do not add up to total={m['total']}")
+    for name in names:  # shards sit next to the manifest: plain file names only
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+                or "\x00" in name:
+            raise ValueError(f"{p}: shard name {name!r} is not a file name next to the manifest")
     return m
 
 
@@ -477,8 +591,8 @@ def write_karpathy_shards(
                         captions.append((s.get("sentid"), raw))
                 if not captions:
                     raise BadRecord(f"image {image_id} has no captions")
-                path = root / img.get("filepath", "") / img["filename"]
-            except (KeyError, TypeError, AttributeError) as e:
+                path = _safe_join(root, img.get("filepath") or "", img["filename"])
+            except (KeyError, TypeError, AttributeError, RecursionError) as e:
                 w.skip(f"malformed image record #{n} in {src}: {e!r}")
                 continue
             except BadRecord as e:
@@ -492,47 +606,56 @@ def write_karpathy_shards(
                 continue
             base = sanitize_key(f"{image_id}")
             if kind == "caption":
-                w.write({
+                w.write_or_skip({
                     "__key__": base,
                     IMAGE_KEY: jpg,
                     META_KEY: {"image_id": image_id, "split": img["split"],
                                "captions": [c for _, c in captions]},
-                })
+                }, f"image {image_id}")
             else:
                 for i, (sentid, cap) in enumerate(captions):
                     suffix = sentid if sentid is not None else i
-                    w.write({
+                    w.write_or_skip({
                         "__key__": f"{base}_{sanitize_key(str(suffix))}",
                         IMAGE_KEY: jpg,
                         TEXT_KEY: cap,
                         META_KEY: {"image_id": image_id},
-                    })
+                    }, f"image {image_id} caption {i}")
     return w.close()
 
 
 def _iter_caption_records(path: Path) -> Iterator[Tuple[int, Optional[Dict[str, Any]], str]]:
     """(line number, {"image", "caption", "image_id"?} or None when malformed, raw line)."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip("\ufeff").lstrip()
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace")
+    stripped = head.lstrip("\ufeff").lstrip()
     suffix = path.suffix.lower()
     if stripped.startswith("["):  # a JSON array of records
-        try:
-            records = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        records = _load_json(path)
+        if not isinstance(records, list):
+            raise ValueError(f"{path} is not a JSON array of caption records")
         for i, rec in enumerate(records, 1):
-            yield i, _caption_fields(rec), str(rec)[:200]
+            yield i, _caption_fields(rec), _short(rec)
         return
     is_jsonl = suffix in (".jsonl", ".json", ".ndjson") or stripped.startswith("{")
-    for i, line in enumerate(text.lstrip("\ufeff").splitlines(), 1):
+    for i, raw in _lines(path):
+        if raw is None:
+            yield i, None, f"<line longer than {MAX_LINE_BYTES} bytes>"
+            continue
+        if i == 1:
+            raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield i, None, f"<not UTF-8: {e.reason}>"
+            continue
         if not line.strip():
             continue
         if is_jsonl:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                yield i, None, line[:200]
+                rec = _json_line(raw)
+            except BadRecord as e:
+                yield i, None, f"{line[:200]} ({e})"
                 continue
             yield i, _caption_fields(rec), line[:200]
         else:
@@ -545,6 +668,13 @@ def _iter_caption_records(path: Path) -> Iterator[Tuple[int, Optional[Dict[str, 
                     and caption.lower() in ("caption", "text"):
                 continue  # a header line
             yield i, ({"image": name, "caption": caption} if name and caption else None), line[:200]
+
+
+def _short(value: Any) -> str:
+    try:
+        return repr(value)[:200]
+    except RecursionError:
+        return "<too deeply nested>"
 
 
 def _caption_fields(rec: Any) -> Optional[Dict[str, Any]]:
@@ -585,20 +715,26 @@ def write_image_folder_shards(
     root = _require_dir(image_dir, "image folder")
     prefix = prefix or "images"
     if captions_file is None:
+        # symlinked folders are not descended into (no loops); symlinked, dangling and special
+        # files with an image suffix are listed, then skipped and counted unless they are regular
+        # files inside the folder
         files = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _is_real_dir(p)
         )
+        real_root = root.resolve()
         with ShardWriter(out_dir, prefix, "image", shard_size, max_bytes,
                          rename_duplicate_keys=True) as w:
             for i, p in enumerate(files):
                 rel = p.relative_to(root).as_posix()
                 try:
+                    if p.is_symlink() and not _inside(p, real_root):
+                        raise BadRecord(f"symlink {p} leads out of {root} (or nowhere)")
                     jpg = read_image_bytes(p, check_images)
                 except BadRecord as e:
                     w.skip(str(e))
                     continue
-                w.write({"__key__": f"{i:09d}_{sanitize_key(Path(rel).stem)}",
-                         IMAGE_KEY: jpg, META_KEY: {"image_id": rel}})
+                w.write_or_skip({"__key__": f"{i:09d}_{sanitize_key(Path(rel).stem)}",
+                                 IMAGE_KEY: jpg, META_KEY: {"image_id": rel}}, rel)
         return w.close()
 
     caps = _require_file(captions_file, "captions file")
@@ -609,17 +745,33 @@ def write_image_folder_shards(
                 w.skip(f"{caps}:{lineno}: malformed caption record {raw!r}")
                 continue
             try:
-                jpg = read_image_bytes(root / rec["image"], check_images)
+                jpg = read_image_bytes(_safe_join(root, rec["image"]), check_images)
             except BadRecord as e:
                 w.skip(f"{caps}:{lineno}: {e}")
                 continue
-            w.write({
+            w.write_or_skip({
                 "__key__": f"{lineno:09d}_{sanitize_key(Path(rec['image']).stem)}",
                 IMAGE_KEY: jpg,
                 TEXT_KEY: rec["caption"],
                 META_KEY: {"image_id": rec.get("image_id", rec["image"])},
-            })
+            }, f"{caps}:{lineno}")
     return w.close()
+
+
+def _is_real_dir(p: Path) -> bool:
+    try:
+        return p.is_dir() and not p.is_symlink()
+    except OSError:
+        return False
+
+
+def _inside(p: Path, real_root: Path) -> bool:
+    """Whether ``p`` resolves (symlinks followed) to an existing path inside ``real_root``."""
+    try:
+        target = p.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling, loop
+        return False
+    return target == real_root or real_root in target.parents
 
 
 def _vqa_image_subtype(data_subtype: str) -> str:
@@ -661,6 +813,11 @@ def write_vqa_shards(
         raise ValueError(f"{qpath}: expected a VQA questions file with a 'questions' list")
     data_subtype = str(qdata.get("data_subtype") or "")
     subtype = image_subtype or _vqa_image_subtype(data_subtype)
+    if subtype:
+        try:
+            _safe_join(root, subtype)
+        except BadRecord as e:
+            raise ValueError(f"{qpath}: image subtype {subtype!r} cannot name an image folder ({e})") from None
     if "{subtype" in image_pattern and not subtype:
         raise ValueError(f"{qpath} has no data_subtype; pass image_subtype (e.g. 'val2014')")
 
@@ -685,9 +842,12 @@ def write_vqa_shards(
         answers_by_qid = {}
         for a in adata["annotations"]:
             if isinstance(a, dict) and "question_id" in a:
-                answers_by_qid[a["question_id"]] = a
+                try:
+                    answers_by_qid[a["question_id"]] = a
+                except TypeError:  # an unhashable question_id (a list, an object): never matches
+                    pass
 
-    prefix = prefix or f"vqa-{data_subtype or subtype or 'questions'}"
+    prefix = prefix or f"vqa-{sanitize_key(data_subtype or subtype or 'questions')}"
     cache: Tuple[Optional[Path], bytes] = (None, b"")
     with ShardWriter(out_dir, prefix, "vqa", shard_size, max_bytes,
                      rename_duplicate_keys=True) as w:
@@ -707,16 +867,18 @@ def write_vqa_shards(
                         "multiple_choice_answer": ann["multiple_choice_answer"],
                     })
                 name = image_pattern.format(subtype=subtype, image_id=image_id)
-                path = _find_file([root / subtype / name, root / name] if subtype else [root / name])
+                path = _find_file([_safe_join(root, subtype, name), _safe_join(root, name)] if subtype
+                                  else [_safe_join(root, name)])
                 if cache[0] != path:
                     cache = (path, read_image_bytes(path, check_images))
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except BadRecord as e:
+                w.skip(f"question {_short(q.get('question_id') if isinstance(q, dict) else q)}: {e}")
+                continue
+            except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
                 w.skip(f"malformed question record #{n} in {qpath}: {e!r}")
                 continue
-            except BadRecord as e:
-                w.skip(f"question {q.get('question_id')}: {e}")
-                continue
-            w.write({"__key__": sanitize_key(str(qid)), IMAGE_KEY: cache[1], META_KEY: meta})
+            w.write_or_skip({"__key__": sanitize_key(str(qid)), IMAGE_KEY: cache[1], META_KEY: meta},
+                            f"question {_short(qid)}")
     return w.close()
 
 
@@ -753,13 +915,14 @@ def write_nlvr2_shards(
     prefix = prefix or f"nlvr2-{sanitize_key(src.stem)}"
     cache: Tuple[Optional[Tuple[Path, Path]], bytes, bytes] = (None, b"", b"")
     with ShardWriter(out_dir, prefix, "nlvr2", shard_size, max_bytes,
-                     rename_duplicate_keys=True) as w, \
-            open(src, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+                     rename_duplicate_keys=True) as w:
+        for lineno, line in _lines(src):
+            if line is not None and not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                if line is None:
+                    raise BadRecord(f"line longer than {MAX_LINE_BYTES} bytes")
+                rec = _json_line(line[3:] if lineno == 1 and line.startswith(b"\xef\xbb\xbf") else line)
                 identifier = str(rec["identifier"])
                 sentence = str(rec["sentence"])
                 label = _parse_nlvr2_label(rec.get("label"))
@@ -770,25 +933,25 @@ def write_nlvr2_shards(
                 dirs = []
                 if rec.get("directory") not in (None, ""):
                     d = str(rec["directory"])
-                    dirs += [root / split / d, root / d]
-                dirs += [root / split, root]
-                left = _find_file(d / f"{base}-img0.png" for d in dirs)
-                right = _find_file(d / f"{base}-img1.png" for d in dirs)
+                    dirs += [_safe_join(root, split, d), _safe_join(root, d)]
+                dirs += [_safe_join(root, split), root]
+                left = _find_file([_safe_join(d, f"{base}-img0.png") for d in dirs])
+                right = _find_file([_safe_join(d, f"{base}-img1.png") for d in dirs])
                 if cache[0] != (left, right):
                     cache = ((left, right), read_image_bytes(left, check_images),
                              read_image_bytes(right, check_images))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                w.skip(f"{src}:{lineno}: malformed record: {e!r}")
-                continue
             except BadRecord as e:
                 w.skip(f"{src}:{lineno}: {e}")
                 continue
-            w.write({
+            except (KeyError, TypeError, AttributeError, RecursionError) as e:
+                w.skip(f"{src}:{lineno}: malformed record: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            w.write_or_skip({
                 "__key__": sanitize_key(identifier),
                 LEFT_IMAGE_KEY: cache[1],
                 RIGHT_IMAGE_KEY: cache[2],
                 META_KEY: {"identifier": identifier, "sentence": sentence, "label": label},
-            })
+            }, f"{src}:{lineno}")
     return w.close()
 
 
@@ -804,6 +967,8 @@ def _text_files(paths: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise ValueError(f"text input is not a regular file or folder: {p}")
         else:
             raise FileNotFoundError(f"text file not found: {p}")
     return files
@@ -831,17 +996,19 @@ def write_text_shards(
         for fi, path in enumerate(files):
             file_lang = lang or path.stem
             stem = sanitize_key(path.stem)
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    try:
-                        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
-                    except UnicodeDecodeError as e:
-                        w.skip(f"{path}:{lineno}: not UTF-8 ({e.reason})")
-                        continue
-                    if not line:
-                        continue
-                    w.write({"__key__": f"{stem}_{fi}_{lineno:09d}", TEXT_KEY: line,
-                             META_KEY: {"lang": file_lang}})
+            for lineno, raw in _lines(path):
+                if raw is None:
+                    w.skip(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES} bytes")
+                    continue
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+                except UnicodeDecodeError as e:
+                    w.skip(f"{path}:{lineno}: not UTF-8 ({e.reason})")
+                    continue
+                if not line:
+                    continue
+                w.write_or_skip({"__key__": f"{stem}_{fi}_{lineno:09d}", TEXT_KEY: line,
+                                 META_KEY: {"lang": file_lang}}, f"{path}:{lineno}")
     return w.close()
 
 

@@ -7,14 +7,18 @@ three-member sample against ~120-160 us) and reads member data with a single ``r
 
 Formats: ustar / POSIX (with the name prefix field), GNU (``L`` long names, ``K`` long link
 targets, base-256 sizes) and pax (``x`` records: ``path`` and ``size``; ``g`` global records are
-ignored). Regular files (type ``0``, NUL, ``7``) are yielded; directories, links, devices, sparse
-and vendor members are skipped with their data. gzip / bzip2 / xz compressed shards are detected
-by content.
+ignored). Regular files (type ``0``, NUL, ``7``) are yielded; directories are skipped; links,
+devices, FIFOs, sparse and vendor members are skipped with their data and, with ``specials=True``,
+reported as a ``Special`` (never followed, never created). gzip / bzip2 / xz compressed shards are
+detected by content.
 
 Nothing is trusted: every header checksum is verified, numeric fields are range-checked, a
 member's size is capped (``max_member_bytes``), long names and pax blocks are capped, and data is
-never read past what the header announces. Any inconsistency raises ``TarFormatError``; members
-yielded before it are complete. A shard must end with an all-zero block: end of file anywhere
+never read past what the header announces (nor, for a file, past its end: a header that claims
+more than the file holds is found out before anything is allocated). Nothing is ever written: names
+(absolute, ``../``, control characters) are returned as they are, for the caller to judge. Memory is
+bounded by ``max_member_bytes`` for one member's data plus ``MAX_PAX_BYTES`` for headers. Any
+inconsistency raises ``TarFormatError``; members yielded before it are complete. A shard must end with an all-zero block: end of file anywhere
 else (also exactly between two members) counts as truncation.
 """
 
@@ -24,6 +28,7 @@ import bz2
 import gzip
 import io
 import lzma
+import os
 import re
 import zlib
 from typing import BinaryIO, Callable, Iterator, Optional, Tuple, Union
@@ -35,7 +40,7 @@ MAX_NAME_BYTES = 64 << 10  # GNU long-name members
 MAX_PAX_BYTES = 1 << 20  # pax extended headers
 _SKIP_CHUNK = 1 << 20
 _REGULAR = (b"0", b"\x00", b"7")
-_PAX_RECORD = re.compile(rb"(\d+) ")
+_PAX_RECORD = re.compile(rb"(\d{1,9}) ")  # a record is at most MAX_PAX_BYTES long
 
 # decompression errors that are not OSError / EOFError
 DECOMPRESSION_ERRORS: Tuple[type, ...] = (zlib.error, lzma.LZMAError)
@@ -56,6 +61,31 @@ class Oversized:
 
     def __repr__(self) -> str:
         return f"Oversized({self.size} bytes > {self.limit})"
+
+
+class Special:
+    """Stands in for a member that is not a regular file (link, device, FIFO, sparse, vendor type);
+    its data, if any, was skipped. ``target`` is the link target for links ("" otherwise)."""
+
+    __slots__ = ("type", "target")
+
+    def __init__(self, type: bytes, target: str = ""):
+        self.type = type
+        self.target = target
+
+    @property
+    def what(self) -> str:
+        return _SPECIAL_NAMES.get(self.type, f"member of type {self.type!r}")
+
+    def __repr__(self) -> str:
+        return f"Special({self.what}" + (f" -> {self.target!r})" if self.target else ")")
+
+
+_SPECIAL_NAMES = {
+    b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
+    b"6": "FIFO", b"S": "GNU sparse file", b"D": "GNU dump directory", b"M": "GNU multi-volume part",
+    b"V": "GNU volume label",
+}
 
 
 def _read_exact(f: BinaryIO, n: int) -> bytes:
@@ -81,6 +111,11 @@ def _read_member(f: BinaryIO, n: int) -> bytes:
     about its size cannot make us allocate more than the file holds."""
     if n <= _SKIP_CHUNK:
         data = _read_exact(f, n)
+    elif _remaining(f) is not None:  # a plain file: check its length, then one read, one buffer
+        left = _remaining(f)
+        if left < n:
+            raise TarFormatError(f"file ends inside member data ({left} of {n} bytes)")
+        data = _read_exact(f, n)
     else:
         buf = bytearray()
         while len(buf) < n:
@@ -94,18 +129,32 @@ def _read_member(f: BinaryIO, n: int) -> bytes:
     return data
 
 
+def _remaining(f: BinaryIO) -> Optional[int]:
+    """Bytes left in ``f`` when it is a seekable plain file (else None)."""
+    try:
+        if not f.seekable():
+            return None
+        return max(0, os.fstat(f.fileno()).st_size - f.tell())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def _skip(f: BinaryIO, n: int) -> None:
     """Skip ``n`` bytes. Seeking (when possible) does not notice the end of the file; the next
     header read then finds it and reports the truncation."""
     if n <= 0:
         return
     seekable = getattr(f, "seekable", None)
+    if n > _SKIP_CHUNK:
+        left = _remaining(f)
+        if left is not None and left < n:
+            raise TarFormatError(f"file ends inside skipped member data ({left} of {n} bytes)")
     if seekable is not None and n > 4 * BLOCK:
         try:
             if seekable():
                 f.seek(n, io.SEEK_CUR)
                 return
-        except (OSError, ValueError):
+        except (OSError, ValueError, OverflowError):  # OverflowError: a size beyond any file
             pass
     while n > 0:
         chunk = f.read(min(n, _SKIP_CHUNK))
@@ -205,27 +254,31 @@ def iter_members(
     f: BinaryIO,
     want: Callable[[str], bool] = lambda name: True,
     max_member_bytes: int = MAX_MEMBER_BYTES,
-) -> Iterator[Tuple[str, Union[bytes, None, Oversized]]]:
+    specials: bool = False,
+) -> Iterator[Tuple[str, Union[bytes, None, Oversized, Special]]]:
     """Yield ``(name, data)`` for every regular member, in stream order.
 
     ``data`` is the member's bytes; None when ``want(name)`` is false (the bytes are skipped, not
     read); an ``Oversized`` when the member is larger than ``max_member_bytes`` (skipped too).
+    With ``specials=True`` links, devices, FIFOs and other non-regular members other than
+    directories are yielded too, as a ``Special`` (their data skipped).
     Raises TarFormatError where the stream stops being a valid tar, after yielding every complete
     member before that point; read errors of the stream or its decompressor become one too.
     """
     try:
-        yield from _iter(f, want, max_member_bytes)
+        yield from _iter(f, want, max_member_bytes, specials)
     except (OSError, EOFError, *DECOMPRESSION_ERRORS) as exn:
         raise TarFormatError(f"{type(exn).__name__}: {exn}") from exn
 
 
-def _iter(f, want, max_member_bytes):
+def _iter(f, want, max_member_bytes, specials):
     header = _read_exact(f, BLOCK)
     unpacked = _decompressed(f, header) if len(header) >= 3 else None
     if unpacked is not None:
         f = unpacked
         header = _read_exact(f, BLOCK)
     long_name: Optional[str] = None
+    long_link: Optional[str] = None
     pax: dict = {}
     while True:
         if len(header) != BLOCK:
@@ -251,7 +304,7 @@ def _iter(f, want, max_member_bytes):
         elif kind == b"K":  # GNU long link target of the next member: not used
             if size > MAX_NAME_BYTES:
                 raise TarFormatError(f"GNU long link of {size} bytes")
-            _read_member(f, padded)
+            long_link = _name(_read_member(f, padded)[:size])
         elif kind in (b"x", b"X"):  # pax extended header of the next member
             if size > MAX_PAX_BYTES:
                 raise TarFormatError(f"pax header of {size} bytes")
@@ -269,12 +322,21 @@ def _iter(f, want, max_member_bytes):
                 name = _name(header[0:100])
                 if header[257:263] == b"ustar\x00" and header[345:346] != b"\x00":
                     name = _name(header[345:500]) + "/" + name
-            long_name, pax = None, {}
+            pax_link, gnu_link = pax.get("linkpath"), long_link  # link targets (links only)
+            long_name, long_link, pax = None, None, {}
             if kind not in _REGULAR:
-                _skip(f, padded)  # directories, links, devices: no data we use
+                _skip(f, padded)  # links, devices, FIFOs, ...: never followed or created
+                if specials and kind != b"5":  # directories are not worth a word
+                    target = ""
+                    if kind in (b"1", b"2"):
+                        if pax_link is not None:
+                            target = pax_link.decode("utf-8", "replace")
+                        else:
+                            target = gnu_link if gnu_link is not None else _name(header[157:257])
+                    yield name, Special(kind, target)
             elif size > max_member_bytes:
-                _skip(f, padded)
                 yield name, Oversized(size, max_member_bytes)
+                _skip(f, padded)  # (after the yield: a file too short for the claim still reports it)
             elif want(name):
                 data = _read_member(f, size)
                 if padded != size:

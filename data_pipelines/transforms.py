@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .safe_io import read_regular_file
 
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -30,17 +34,38 @@ INTERPOLATIONS = {
 }
 
 
+#: Image formats the readers decode (detected by content): the ones the shard writers accept.
+#: Other PIL plugins are never tried (EPS, for one, would run Ghostscript on the bytes). Camera
+#: MPO files open through the JPEG entry.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+#: Largest image file ``read_image_file`` reads (the readers skip shard members above the same size).
+MAX_IMAGE_FILE_BYTES = 256 << 20
+
+
+def read_image_file(path: Union[str, "os.PathLike[str]"], max_bytes: Optional[int] = None) -> bytes:
+    """The bytes of one image file, with bounded memory and no hang: ``FileNotFoundError`` when it
+    does not exist, ``ValueError`` (naming the file) when it is not a regular file (a folder, FIFO,
+    device: never opened for a blocking read), is empty, or is larger than ``max_bytes`` (default
+    ``MAX_IMAGE_FILE_BYTES``)."""
+    return read_regular_file(path, MAX_IMAGE_FILE_BYTES if max_bytes is None else max_bytes, what="image")
+
+
 def decode_image(data: bytes, target_size: Optional[int] = None) -> Image.Image:
-    """Decode image bytes (any format PIL reads, detected by content) to an RGB PIL image.
+    """Decode image bytes (one of ``IMAGE_FORMATS``, detected by content) to an RGB PIL image.
 
     For JPEGs with ``target_size`` set, ``Image.draft`` lets libjpeg decode at 1/2, 1/4 or 1/8
     scale, the smallest that keeps both sides >= ``target_size``; that skips most of the inverse
     DCT and colour conversion work. Raises (``PIL.UnidentifiedImageError``, ``OSError``, ...) on
     bytes that are not a complete image, and ``PIL.Image.DecompressionBombError`` for images of
-    more than ``Image.MAX_IMAGE_PIXELS`` pixels (PIL itself only refuses twice that); the readers
-    count those as corrupt images.
+    more than ``Image.MAX_IMAGE_PIXELS`` pixels (PIL itself only refuses twice that), checked on
+    the header before any pixel is decoded; the readers count those as corrupt images. Decoding
+    memory is therefore bounded by about 7 bytes x ``Image.MAX_IMAGE_PIXELS`` (an RGBA frame and
+    its RGB conversion), far less for JPEGs, which decode at reduced scale.
     """
-    img = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():  # PIL warns above the limit; we refuse those images instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:
         raise Image.DecompressionBombError(f"{img.width}x{img.height} image: more than {limit} pixels")

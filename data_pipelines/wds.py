@@ -100,6 +100,8 @@ SKIP_KINDS = (
     "bad_value",  # a field with the wrong type or value (label, question_id, ...)
     "duplicate_member",  # two members with the same key and suffix in one sample
     "oversized_member",  # a member above tario.MAX_MEMBER_BYTES (skipped unread, with its sample)
+    "unsafe_name",  # a member named by an absolute path, with a ".." part or control characters
+    "special_member",  # a link, device, FIFO, ... where a sample member is expected (never followed)
 )
 
 
@@ -334,10 +336,18 @@ def _read_tar(stream, url: str, handler, keep, required, max_member_bytes: int) 
         match = _NAME_RE.match(name)
         return keep is None or (match is not None and match.group(2).lower() in keep)
 
+    def drop(kind: str, message: str, key: str) -> None:
+        if not current.get("__bad__"):  # one count per sample
+            handler(SampleError(kind, message, key=key, url=url))
+        current["__bad__"] = True
+
     try:
-        for name, data in tario.iter_members(stream, want, max_member_bytes):
+        for name, data in tario.iter_members(stream, want, max_member_bytes, specials=True):
+            unsafe = _unsafe_name(name)
             key, suffix = _split_name(name)
             if key is None:
+                if unsafe:  # not a sample member, but worth counting: the shard is hostile
+                    handler(SampleError("unsafe_name", f"member {name!r}", url=url))
                 continue
             if current is not None and current["__key__"] != key:
                 if not current.pop("__bad__", False):
@@ -345,17 +355,20 @@ def _read_tar(stream, url: str, handler, keep, required, max_member_bytes: int) 
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": url}
+            if unsafe:
+                drop("unsafe_name", f"member {name!r}", repr(key))
+                continue
+            if isinstance(data, tario.Special):
+                if keep is None or suffix in keep:  # a member the reader would have read
+                    drop("special_member", f".{suffix} is a {data!r}", key)
+                continue
             if data is None:
                 continue  # a member this reader does not use: skipped unread
             if isinstance(data, tario.Oversized):
-                if not current.get("__bad__"):
-                    handler(SampleError("oversized_member", f".{suffix}: {data}", key=key, url=url))
-                current["__bad__"] = True
+                drop("oversized_member", f".{suffix}: {data}", key)
                 continue
             if suffix in current:
-                if not current.get("__bad__"):
-                    handler(SampleError("duplicate_member", f"second .{suffix} member", key=key, url=url))
-                current["__bad__"] = True
+                drop("duplicate_member", f"second .{suffix} member", key)
                 continue
             current[suffix] = data
     except (tario.TarFormatError, EOFError, OSError, *tario.DECOMPRESSION_ERRORS) as exn:
@@ -367,6 +380,20 @@ def _read_tar(stream, url: str, handler, keep, required, max_member_bytes: int) 
     if current is not None and not current.pop("__bad__", False):
         yield current
     return True
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unsafe_name(name: str) -> bool:
+    """An absolute member name, one with a ``..`` part, or one with control characters (which
+    could forge log lines). Such names never reach the file system here (nothing is extracted), but
+    a shard that holds them was not written by a shard writer: its samples are dropped."""
+    return (
+        name.startswith("/")
+        or (".." in name and ".." in name.split("/"))
+        or _CONTROL_RE.search(name) is not None
+    )
 
 
 def _split_name(name: str) -> Tuple[Optional[str], str]:
@@ -386,7 +413,11 @@ in stream mode) and with these guarantees, pinned down by the tests: a damaged s
 anywhere, also inside a header or exactly between two members; corrupt header; bad compression)
 costs exactly one ``truncated_tar`` and never leaks its last sample into the next shard; only
 members in ``keep`` are read; a member above ``max_member_bytes`` drops its sample
-(``oversized_member``) without being read; an unopenable shard is one ``unreadable_shard``.
+(``oversized_member``) without being read; an unopenable shard is one ``unreadable_shard``; a
+sample with a member named by an absolute path, a ``..`` part or control characters is dropped
+(``unsafe_name``), and so is one whose member is a link, device or FIFO (``special_member``: never
+followed). Nothing is extracted or written anywhere. Memory stays bounded: at most one sample in
+progress, of at most ``len(keep)`` members (with ``keep`` given) of at most ``max_member_bytes`` each.
 """
 
 

@@ -449,15 +449,7 @@ class CaptionModule(MMMoEModule):
     def predict_one(self, image_path: str, **decoding: Any) -> Dict[str, str]:
         """Caption one image file (eval transform at the model's image size, ImageNet
         normalisation, as the data modules do); ``decoding`` overrides beam_size etc."""
-        from data_pipelines.transforms import decode_image, eval_transform
+        from tasks.evaluate_cli import load_image
 
-        path = Path(image_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"image {str(path)!r} does not exist")
-        size = self.config.image_size
-        try:
-            img = decode_image(path.read_bytes(), target_size=size)
-        except Exception as exc:  # PIL raises several types for unreadable files
-            raise ValueError(f"{str(path)!r} is not a readable image: {exc}") from None
-        image = eval_transform(size)(img)[None]
+        image = load_image(image_path, self.config.image_size).to(self.device)
         return {"caption": self.caption_images(image, **decoding)[0]}

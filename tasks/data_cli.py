@@ -50,8 +50,9 @@ def add_shards_parser(sub: argparse._SubParsersAction) -> None:
         "shards",
         help="Write WebDataset shards (+ manifest) from a source dataset.",
         description="Convert a dataset into <out>/<prefix>-NNNNNN.tar WebDataset shards and "
-        "<out>/<prefix>.manifest.json. Records whose image is missing or unreadable are skipped "
-        "and counted in the manifest's 'skipped'.",
+        "<out>/<prefix>.manifest.json. Records whose image is missing or unreadable, whose path "
+        "would leave the image folder, or that are malformed are skipped and counted in the "
+        "manifest's 'skipped'; a malformed JSON input file is an error naming it.",
     )
     p.set_defaults(handler=_print_help_handler(p))
     src = p.add_subparsers(title="sources", metavar="<source>")
@@ -136,7 +137,7 @@ def _run_writer(ns: argparse.Namespace, call: Callable[[], Dict[str, Any]]) -> i
         log.setLevel(logging.INFO)
     try:
         manifest = call()
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing / unreadable / malformed input, unwritable --out
         print(f"mmmoe: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -295,16 +295,18 @@ def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> Path:
 # ------------------------------------------------------------------------------ single inputs
 def load_image(path: PathLike, image_size: int) -> Any:
     """One image file -> 1 x 3 x size x size float tensor: the datamodules' eval transform (resize the
-    short side, centre crop) and ImageNet normalisation."""
-    from data_pipelines.transforms import decode_image, eval_transform
+    short side, centre crop) and ImageNet normalisation. Hostile files give a clear error and bounded
+    memory: ``FileNotFoundError`` when missing, ``ValueError`` naming the file for a folder, FIFO or
+    device, an empty or oversized file (``MAX_IMAGE_FILE_BYTES``), bytes that are no supported image,
+    a truncated image or a decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels,
+    refused before decoding)."""
+    from data_pipelines.transforms import decode_image, eval_transform, read_image_file
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image {str(p)!r} does not exist")
+    data = read_image_file(path)
     try:
-        img = decode_image(p.read_bytes(), target_size=image_size)
+        img = decode_image(data, target_size=image_size)
     except Exception as exc:  # PIL raises several types for undecodable data
-        raise ValueError(f"image {str(p)!r} could not be decoded: {exc}") from None
+        raise ValueError(f"image {str(path)!r} could not be decoded: {type(exc).__name__}: {exc}") from None
     return eval_transform(image_size)(img).unsqueeze(0)
 
 

@@ -268,6 +268,26 @@ def test_predict_errors(setup, tmp_path, capsys):
     assert rc == 2 and "could not be decoded" in err
 
 
+def test_predict_hostile_images_are_clear_errors(setup, tmp_path, capsys):
+    """Decompression bombs, truncated, zero-byte and non-image files, a FIFO: exit 2 with one
+    "mmmoe predict: error:" line naming the file, no traceback, no hang."""
+    import os
+
+    from data_pipelines import hostile as H
+
+    files = {"bomb.png": H.bomb_png(), "bomb.jpg": H.bomb_jpeg(), "cut.jpg": H.jpeg(H.pixels(0, 64, 64))[:400],
+             "empty.jpg": b"", "notes.jpg": b"not an image at all"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    for name in [*files, "pipe.jpg"]:
+        rc, out, err = run(capsys, "predict", "vqa", "--ckpt", setup["ckpt"]["vqa"], "--image", str(tmp_path / name),
+                           "--question", "q?", "--device", "cpu")
+        assert rc == 2 and out == "", name
+        assert err.startswith("mmmoe predict: error:") and name in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
+
 # ------------------------------------------------------------------------------ the repository's configs
 @pytest.mark.parametrize("task", ["vqa", "nlvr2"])
 def test_finetune_config_fit_then_evaluate(task, setup, tmp_path, capsys):
