@@ -6,7 +6,8 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
     shard list     EpochShardList (each shard once per epoch, order reshuffled per epoch, the same
                    order on every rank) or wds.ResampledShards (infinite, sampled with replacement);
                    urls are brace patterns, ``<prefix>.manifest.json`` paths, or lists of them
-    split_by_node  shard i goes to rank i % world_size        (epoch mode only)
+    split_by_node  shard i goes to rank i % world_size        (epoch mode only; evaluation readers
+                   with fewer shards than ranks split by sample: EvalNodeSplit)
     split_by_worker  then to DataLoader worker j % num_workers (epoch mode only)
     tar_to_samples read the tar stream (``tario``: checked headers, bounded member sizes), group
                    members by key; only the members the reader needs are read (anything else,
@@ -275,6 +276,31 @@ def split_by_node(src: Iterable[Any]) -> Iterator[Any]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     yield from islice(src, rank, None, world_size)
+
+
+class EvalNodeSplit:
+    """Rank split of evaluation readers: by shard when every rank can get at least one shard, else
+    by sample (every rank reads every shard and keeps every world_size-th sample), so no rank is
+    left without data. An empty rank would skip the epoch-end collectives of distributed
+    validation (synced logs, gathered meters) and leave the other ranks waiting forever; a
+    held-out set often has a single shard. ``shards`` goes before ``split_by_worker`` and
+    ``samples`` after the tar stage; each sample is still read by exactly one rank."""
+
+    def __init__(self) -> None:
+        self.by_sample = False
+
+    def shards(self, src: Iterable[Any]) -> Iterator[Any]:
+        rank, world_size = node_info()
+        shards = list(src)
+        self.by_sample = len(shards) < world_size
+        yield from (shards if self.by_sample else shards[rank::world_size])
+
+    def samples(self, src: Iterable[Any]) -> Iterator[Any]:
+        if not self.by_sample:
+            yield from src
+            return
+        rank, world_size = node_info()
+        yield from islice(src, rank, None, world_size)
 
 
 def split_by_worker(src: Iterable[Any]) -> Iterator[Any]:
@@ -826,8 +852,11 @@ def _reader_stages(
     if resampled:
         stages: List[Any] = [wds.ResampledShards(expand_urls(urls), seed=seed)]
     else:
-        stages = [EpochShardList(urls, seed=seed if train else None), split_by_node, split_by_worker]
+        split = split_by_node if train else EvalNodeSplit()
+        stages = [EpochShardList(urls, seed=seed if train else None), split if train else split.shards, split_by_worker]
     stages.append(tar_to_samples(handler=skips, keep=keep, required=required))
+    if not resampled and not train:
+        stages.append(split.samples)
     if train and shuffle_buffer > 0:
         stages.append(SeededShuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
     return stages

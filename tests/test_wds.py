@@ -522,3 +522,24 @@ def test_seeded_shuffle_repeats_per_seed_and_epoch_and_keeps_every_sample():
     assert sorted(a) == list(range(300)) and a != list(range(300))
     assert run(0, 0) == a
     assert run(0, 1) != a and run(1, 0) != a
+
+
+@pytest.mark.parametrize("num_shards,world", [(1, 2), (3, 4), (4, 2), (5, 3)])
+def test_eval_split_leaves_no_rank_empty_and_reads_each_sample_once(monkeypatch, num_shards, world):
+    """Evaluation readers split by shard when every rank can have one, else by sample."""
+    shards = [[f"s{i}-{j}" for j in range(7)] for i in range(num_shards)]  # a shard = its samples
+    per_rank = []
+    for rank in range(world):
+        for worker in range(2):
+            monkeypatch.setattr(W, "node_info", lambda r=rank: (r, world))
+            monkeypatch.setattr(W, "worker_info", lambda w=worker: (w, 2))
+            split = W.EvalNodeSplit()
+            mine = list(W.split_by_worker(split.shards(iter(range(num_shards)))))
+            samples = (s for i in mine for s in shards[i])
+            if worker == 0:
+                per_rank.append([])
+            per_rank[-1] += list(split.samples(samples))
+            assert split.by_sample == (num_shards < world)
+    assert all(per_rank), "a rank received no evaluation sample"
+    everything = sorted(s for part in per_rank for s in part)
+    assert everything == sorted(s for shard in shards for s in shard)  # each sample exactly once
