@@ -22,6 +22,7 @@ import yaml
 
 from mmmoe.models import create_model
 from tests.ddp_worker import VARIANTS, train
+from tests.test_pretrain import _swap  # replaces a path prefix in a loaded config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -139,16 +140,6 @@ def test_unused_parameters_rejects_unknown_kinds():
     model = create_model("tiny", "dense", depth=2)
     with pytest.raises(ValueError, match="image_text"):
         model.unused_parameters(["video"])
-
-
-def _swap(obj, old, new):
-    if isinstance(obj, str):
-        return obj.replace(old, new)
-    if isinstance(obj, dict):
-        return {k: _swap(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_swap(v, old, new) for v in obj]
-    return obj
 
 
 def test_vqa_config_trains_with_cpu_ddp(tmp_path):
