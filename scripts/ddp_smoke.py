@@ -45,10 +45,11 @@ def last_metrics(run_dir: Path) -> dict:
     out = {}
     for r in rows:
         if r.get("step"):
-            out["step"] = int(r["step"])
-        for k, v in r.items():
-            if v and k.startswith("train/") and k.endswith("loss"):
-                out["loss"] = (k, float(v))
+            out["step"] = int(r["step"]) + 1  # logged steps count from 0
+        for k, v in r.items():  # the task loss (train/loss or train/<task>_loss), not the MoE aux loss
+            if v and k.startswith("train/") and k.endswith("loss") and "moe" not in k:
+                if k == "train/loss" or out.get("loss", ("",))[0] != "train/loss":
+                    out["loss"] = (k, float(v))
     return out
 
 
