@@ -182,7 +182,7 @@ class _FusedExperts(torch.autograd.Function):
         # every operand already has the compute dtype (GroupedExperts.forward casts): autocast must
         # not re-cast anything in here, so the ops run exactly as written
         with torch.autocast(s_SD.device.type, enabled=False):
-            x_AD = s_SD[token_A]
+            x_AD = s_SD.index_select(0, token_A)
             h = grouped_mm(x_AD, w_in, offs_E, counts)  # A x F (gelu) or A x 2F (swiglu: [w1 | w3])
             o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
             y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
@@ -205,7 +205,7 @@ class _FusedExperts(torch.autograd.Function):
     def _backward(ctx, dy_SD):
         s_SD, token_A, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
-        dy_AD = dy_SD.to(o.dtype)[token_A]
+        dy_AD = dy_SD.to(o.dtype).index_select(0, token_A)
         # the gate gradient feeds the float32 router: reduce over D in float32, not in bf16
         acc = torch.promote_types(o.dtype, torch.float32)
         dgate = torch.linalg.vecdot(dy_AD.to(acc), o.to(acc)).to(gate.dtype) if ctx.needs_input_grad[2] else None
@@ -233,7 +233,7 @@ class _FusedExperts(torch.autograd.Function):
             torch.ops.aten.gelu_backward.grad_input(dp, h, approximate="none", grad_input=h)
             del dp
         dh = h
-        x_AD = s_SD[token_A]
+        x_AD = s_SD.index_select(0, token_A)
         dw_in = grouped_mm_wgrad(x_AD, dh, offs, counts) if ctx.needs_input_grad[3] else None
         ds = None
         if ctx.needs_input_grad[0]:
