@@ -64,10 +64,11 @@ class ModelConfig:
     """Recompute each block in backward (activation checkpointing) to save memory."""
     bitnet: str = "none"
     """BitNet b1.58 (ternary weights, 8-bit activations, straight-through gradients): 'none';
-    'experts' (routed and shared experts only, = ``moe.bitnet``); 'all' (2411 Table 3: every linear
-    layer of the blocks -- attention qkv and output projections, dense FFNs, MH-MoE head and merge
-    layers, experts -- the dense baseline included). Routers, embeddings, norms and task heads stay
-    full precision. Sets ``moe.bitnet`` / ``moe.bitnet_head_merge``; MACs and FLOP parity unchanged."""
+    'experts' (routed and shared experts only, = ``moe.bitnet``; a dense model has none); 'all'
+    (2411 Table 3: every linear layer of the blocks -- attention qkv and output projections, dense
+    FFNs, MH-MoE head and merge layers, experts -- the dense baseline included). Routers,
+    embeddings, norms and task heads stay full precision. Sets ``moe.bitnet`` /
+    ``moe.bitnet_head_merge``; MACs and FLOP parity are unchanged."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "num_heads", "ffn_hidden", "image_size", "patch_size", "in_chans",
