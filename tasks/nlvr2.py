@@ -2,8 +2,9 @@
 
 Two passes through the backbone, (left image + sentence) and (right image + sentence), run as ONE
 forward of 2B samples (the left images stacked over the right ones, the sentence repeated). The
-NLVR2 head pools each pass's image CLS and text BOS (a pooler each), concatenates the four pooled
-vectors (4D) and classifies true / false (BEiT-3). Cross-entropy on ``label`` (1 true, 0 false);
+NLVR2 head concatenates each pass's final image CLS and text BOS states (4D) and classifies true /
+false with BEiT-3's MLP (``head_style="beit3"``, the default); ``head_style="tanh_pooler"`` puts a
+tanh pooler on each of the four vectors first (this project's earlier head). Cross-entropy on ``label`` (1 true, 0 false);
 examples labelled -1 (unknown) take no loss.
 
 Evaluation protocol (see ``tasks/evaluate_cli.py``): ``evaluate_split(datamodule, split, out_dir)``
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmmoe.models import BackboneOutput, MultiwayTransformer, NLVR2Head
+from mmmoe.models import BackboneOutput, NLVR2Head
 from tasks.base import MMMoEModule
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ class NLVR2Module(MMMoEModule):
         eval_data: labelled NLVR2 JSON lines of the "val" split (e.g. ``DIR/nlvr2/dev.json``).
         test_data: the same for the "test" split (e.g. ``test1.json``), when labelled.
         train_data: training JSON lines, only read for the majority-class baseline.
+        head_style: ``"beit3"`` (BEiT-3's head: no poolers, 0.001-scaled init) or ``"tanh_pooler"``
+            (a LayerNorm -> Linear -> tanh pooler per pooled vector; checkpoints written before the
+            option existed have this head).
+        head_init_scale: scale of the head classifier's initial linear weights; None = the style's
+            (beit3: 0.001 as BEiT-3, tanh_pooler: 1).
     """
 
     TASK = "nlvr2"
@@ -56,6 +62,8 @@ class NLVR2Module(MMMoEModule):
         eval_data: Optional[str] = None,
         test_data: Optional[str] = None,
         train_data: Optional[str] = None,
+        head_style: str = "beit3",
+        head_init_scale: Optional[float] = None,
         model: str = "tiny",
         variant: Optional[str] = None,
         model_args: Optional[Dict[str, Any]] = None,
@@ -71,8 +79,8 @@ class NLVR2Module(MMMoEModule):
         super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
                          min_lr_ratio, init_from)
         self.save_hyperparameters()
-        self.head = NLVR2Head(self.config.dim, eps=self.config.norm_eps)
-        self.head.apply(MultiwayTransformer._init_weights)
+        self.head = NLVR2Head(self.config.dim, eps=self.config.norm_eps, style=head_style,
+                              init_scale=head_init_scale)  # initialises itself
         # [false, true] training labels seen (the majority-class baseline when train_data is not given)
         self.register_buffer("train_label_counts", torch.zeros(2, dtype=torch.long))
         self._finish_init()

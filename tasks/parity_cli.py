@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     var.add_argument("--expert-multiple", type=int, default=8, metavar="N",
                      help="round MH-MoE expert counts to a multiple of N; 1 = nearest integer "
                      "(default: %(default)s)")
+    var.add_argument("--no-head-layer", action="store_true",
+                     help="MH-MoE rows without the d x d head layer (2411 Table 5 ablation; its MACs go "
+                     "to wider experts at the same FLOPs)")
+    var.add_argument("--no-merge-layer", action="store_true",
+                     help="MH-MoE rows without the d x d merge layer (2411 Table 5 ablation)")
     parser.add_argument("--json", action="store_true",
                         help='print JSON {"inputs": {...}, "rows": [...]} instead of a table')
 
@@ -54,6 +59,8 @@ def run(ns: argparse.Namespace) -> int:
         fine_grained_factor=ns.fine_grained_factor,
         expert_multiple=ns.expert_multiple,
         shared_expert_hidden=ns.shared_expert_hidden,
+        head_layer=not getattr(ns, "no_head_layer", False),
+        merge_layer=not getattr(ns, "no_merge_layer", False),
     )
     try:
         rows = solve_parity(**inputs)

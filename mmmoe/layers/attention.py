@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmmoe.layers.bitlinear import BitLinear
+
 ATTN_MODES = ("bidirectional", "prefix_causal")
 KV = Tuple[Tensor, Tensor]
 """One layer's cache: keys and values, each B x H x K x Dh."""
@@ -82,18 +84,21 @@ class Attention(nn.Module):
 
     ``forward(x, attn_mask, kv_cache)`` returns ``(y, (k, v))``: the cache given (if any) with this
     call's keys and values appended along the sequence, ready for the next decoding step.
+    With ``bitnet`` both projections are BitNet b1.58 ``BitLinear`` layers.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        bitnet: bool = False,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"Attention: num_heads={num_heads} must divide dim ({dim})")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        linear = BitLinear if bitnet else nn.Linear
+        self.qkv = linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = linear(dim, dim, bias=True)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(

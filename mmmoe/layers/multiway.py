@@ -29,16 +29,18 @@ class MultiwayFFN(nn.Module):
         activation: dense FFN activation, ``"swiglu"`` or ``"gelu"``.
         moe: when set, every way is an MHMoE built from this config (one router per way).
         vl: add the vision-language way (way id 2).
+        bitnet: BitNet b1.58 dense ways (``BitLinear``); MoE ways follow ``moe.bitnet``.
     """
 
-    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", moe: Optional[MoEConfig] = None, vl: bool = False):
+    def __init__(self, dim: int, hidden: int, activation: str = "swiglu", moe: Optional[MoEConfig] = None,
+                 vl: bool = False, bitnet: bool = False):
         super().__init__()
         if moe is not None and moe.d_model != dim:
             raise ValueError(f"MultiwayFFN: moe.d_model={moe.d_model} != dim={dim}")
         self.is_moe = moe is not None
         names = WAYS if vl else WAYS[:2]
         self.ways = nn.ModuleDict(
-            {n: MHMoE(moe) if moe is not None else FeedForward(dim, hidden, activation) for n in names}
+            {n: MHMoE(moe) if moe is not None else FeedForward(dim, hidden, activation, bitnet=bitnet) for n in names}
         )
 
     @property

@@ -3,17 +3,18 @@
 A validated dataclass (a wrong value raises ``ValueError`` naming the field and what is allowed).
 The FFN of every ``moe_every``-th block is an MH-MoE layer per way (vision, language, and in the
 top ``vl_layers`` blocks vision-language); the other blocks have dense FFNs. ``moe=None`` gives the
-dense baseline everywhere.
+dense baseline everywhere. ``bitnet`` makes the model (or only its experts) BitNet b1.58.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, Optional
 
 from mmmoe.moe import MoEConfig
 
 ATTN_MODES = ("bidirectional", "prefix_causal")
+BITNET = ("none", "experts", "all")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -34,8 +35,9 @@ class ModelConfig:
     """Hidden width of the dense FFNs (the dense blocks, and every block when moe is None)."""
     activation: str = "swiglu"
     """Dense FFN activation: swiglu or gelu."""
-    vl_layers: int = 2
-    """How many top blocks hold a vision-language FFN way (used by tokens of image-text input)."""
+    vl_layers: int = 3
+    """How many top blocks hold a vision-language FFN way (used by tokens of image-text input).
+    BEiT-3 uses the top three blocks (the default; the tiny and small presets use 1 and 2)."""
     moe: Optional[MoEConfig] = None
     """MH-MoE config of the MoE blocks (d_model must equal dim); None = dense everywhere."""
     moe_every: int = 2
@@ -60,6 +62,13 @@ class ModelConfig:
     """LayerNorm epsilon."""
     grad_checkpointing: bool = False
     """Recompute each block in backward (activation checkpointing) to save memory."""
+    bitnet: str = "none"
+    """BitNet b1.58 (ternary weights, 8-bit activations, straight-through gradients): 'none';
+    'experts' (routed and shared experts only, = ``moe.bitnet``; a dense model has none); 'all'
+    (2411 Table 3: every linear layer of the blocks -- attention qkv and output projections, dense
+    FFNs, MH-MoE head and merge layers, experts -- the dense baseline included). Routers,
+    embeddings, norms and task heads stay full precision. Sets ``moe.bitnet`` /
+    ``moe.bitnet_head_merge``; MACs and FLOP parity are unchanged."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "num_heads", "ffn_hidden", "image_size", "patch_size", "in_chans",
@@ -83,11 +92,27 @@ class ModelConfig:
                 _fail(name, v, "must be a number in [0, 1)")
         if isinstance(self.moe, dict):
             self.moe = MoEConfig.from_dict({"d_model": self.dim, **self.moe})
+        if self.bitnet not in BITNET:
+            _fail("bitnet", self.bitnet, f"allowed: {', '.join(BITNET)}")
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
                 _fail("moe", self.moe, "must be a MoEConfig, a dict of MoEConfig fields, or None")
             if self.moe.d_model != self.dim:
                 _fail("moe", f"d_model={self.moe.d_model}", f"moe.d_model must equal dim={self.dim}")
+            self._sync_moe_bitnet()
+
+    def _sync_moe_bitnet(self) -> None:
+        """``bitnet`` decides the MoE layers' BitNet fields. ``moe.bitnet=True`` alone (the layer-level
+        switch) reads as bitnet='experts'; a MoE field asking for more than ``bitnet`` is an error."""
+        m = self.moe
+        if self.bitnet == "none" and m.bitnet and not m.bitnet_head_merge:
+            self.bitnet = "experts"
+        experts, head_merge = self.bitnet != "none", self.bitnet == "all"
+        if (m.bitnet and not experts) or (m.bitnet_head_merge and not head_merge):
+            _fail("bitnet", self.bitnet, f"contradicts moe.bitnet={m.bitnet}, moe.bitnet_head_merge="
+                  f"{m.bitnet_head_merge}: set ModelConfig.bitnet ('experts' or 'all') instead")
+        if (m.bitnet, m.bitnet_head_merge) != (experts, head_merge):
+            self.moe = replace(m, bitnet=experts, bitnet_head_merge=head_merge)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -104,6 +129,11 @@ class ModelConfig:
 
     def has_vl_way(self, i: int) -> bool:
         return i >= self.depth - self.vl_layers
+
+    @property
+    def bitnet_all(self) -> bool:
+        """Attention projections and dense FFNs are BitLinear too."""
+        return self.bitnet == "all"
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, Any]:

@@ -103,24 +103,69 @@ class VQAHead(nn.Module):
         return self.classifier(self.pooler(hidden_BSD[:, 0]))
 
 
-class NLVR2Head(nn.Module):
-    """Two passes' pooled (image CLS, text BOS) features, concatenated (4D) -> LayerNorm ->
-    Linear(4D, 2D) -> LayerNorm -> GELU -> Linear(2D, 2)."""
+NLVR2_HEAD_STYLES = ("beit3", "tanh_pooler")
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+
+class NLVR2Head(nn.Module):
+    """NLVR2 classifier over two passes (left image + sentence, right image + sentence).
+
+    ``style="beit3"`` (default, BEiT-3's ``BEiT3ForVisualReasoning``): the final hidden states of
+    each pass's image CLS and text BOS, concatenated over both passes (4D) -> LayerNorm ->
+    Linear(4D, 2D) -> LayerNorm -> GELU -> Linear(2D, 2). ``reset_parameters`` gives BEiT-3's init:
+    linear weights N(0, 0.02), then the classifier's two linear layers scaled by ``init_scale``
+    (default 0.001 for this style, as BEiT-3: near-zero initial logits; a head on an untrained
+    backbone then needs more steps to start learning, ``init_scale=1`` removes the scaling).
+
+    ``style="tanh_pooler"`` (this project's earlier head): each of the four vectors first goes through
+    a pooler (LayerNorm -> Linear(D, D) -> tanh; one for the image CLS, one for the text BOS), then
+    the same classifier; linear weights N(0, 0.02) (``init_scale`` default 1: no scaling).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, style: str = "beit3", init_scale: Optional[float] = None):
         super().__init__()
-        self.image_pooler = Pooler(dim, eps)
-        self.text_pooler = Pooler(dim, eps)
+        if style not in NLVR2_HEAD_STYLES:
+            raise ValueError(f"NLVR2Head.style={style!r} is invalid: allowed {', '.join(NLVR2_HEAD_STYLES)}")
+        if init_scale is None:
+            init_scale = self.BEIT3_INIT_SCALE if style == "beit3" else 1.0
+        if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or not init_scale > 0:
+            raise ValueError(f"NLVR2Head.init_scale={init_scale!r} is invalid: must be a number > 0")
+        self.style, self.init_scale = style, float(init_scale)
+        if style == "tanh_pooler":
+            self.image_pooler = Pooler(dim, eps)
+            self.text_pooler = Pooler(dim, eps)
         self.classifier = nn.Sequential(
             nn.LayerNorm(4 * dim, eps=eps), nn.Linear(4 * dim, 2 * dim), nn.LayerNorm(2 * dim, eps=eps),
             nn.GELU(), nn.Linear(2 * dim, 2),
         )
+        self.reset_parameters()
+
+    BEIT3_INIT_SCALE = 0.001
+    """BEiT-3 multiplies the NLVR2 head's linear weights and biases by this after init."""
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.init_scale != 1.0:
+            with torch.no_grad():
+                for m in (self.classifier[1], self.classifier[4]):
+                    m.weight.mul_(self.init_scale)
+                    m.bias.mul_(self.init_scale)
 
     def pool(self, hidden_BSD: Tensor, num_image_tokens: int) -> Tensor:
-        return torch.cat(
-            [self.image_pooler(hidden_BSD[:, 0]), self.text_pooler(hidden_BSD[:, num_image_tokens])], dim=-1
-        )
+        """[image CLS, text BOS] of one pass (B x 2D), through the poolers for ``tanh_pooler``."""
+        cls_BD, bos_BD = hidden_BSD[:, 0], hidden_BSD[:, num_image_tokens]
+        if self.style == "tanh_pooler":
+            cls_BD, bos_BD = self.image_pooler(cls_BD), self.text_pooler(bos_BD)
+        return torch.cat([cls_BD, bos_BD], dim=-1)
 
     def forward(self, left_BSD: Tensor, right_BSD: Tensor, num_image_tokens: int) -> Tensor:
         feats = torch.cat([self.pool(left_BSD, num_image_tokens), self.pool(right_BSD, num_image_tokens)], dim=-1)
         return self.classifier(feats)
+
+    def extra_repr(self) -> str:
+        return f"style={self.style}, init_scale={self.init_scale}"

@@ -27,6 +27,7 @@ from mmmoe.layers.embeddings import LANGUAGE, VISION, VL, TextEmbedding, VisionE
 from mmmoe.layers.multiway import MultiwayFFN
 from mmmoe.models.config import ATTN_MODES, ModelConfig
 from mmmoe.moe import MHMoE, MoEOutput
+from mmmoe.moe.experts import GroupedExperts
 
 #: the kinds of input a forward can take: image only, text only, image and text together
 INPUT_KINDS = ("image", "text", "image_text")
@@ -93,10 +94,11 @@ class Block(nn.Module):
         self.index = index
         D = cfg.dim
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.attn = Attention(D, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout)
+        self.attn = Attention(D, cfg.num_heads, qkv_bias=cfg.qkv_bias, proj_drop=cfg.dropout, bitnet=cfg.bitnet_all)
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
         moe = cfg.moe if cfg.is_moe_layer(index) else None
-        self.ffn = MultiwayFFN(D, cfg.ffn_hidden, cfg.activation, moe=moe, vl=cfg.has_vl_way(index))
+        self.ffn = MultiwayFFN(D, cfg.ffn_hidden, cfg.activation, moe=moe, vl=cfg.has_vl_way(index),
+                               bitnet=cfg.bitnet_all)
         self.ffn_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -124,19 +126,31 @@ class MultiwayTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(c, i, rates[i]) for i in range(c.depth)])
         self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
         self.apply(self._init_weights)
-        for m in self.modules():  # MH-MoE keeps its own (paper) initialisation of head/merge
+        for m in self.modules():  # the papers' init of head/merge layers and routers stays
             if isinstance(m, MHMoE):
                 m.reset_parameters()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
+    INIT_STD = 0.02
+    """BEiT-3's initialisation: every linear weight N(0, 0.02) (truncated at +-2), zero biases."""
+
+    @classmethod
+    def _init_weights(cls, m: nn.Module) -> None:
+        """One scheme for every linear weight: attention, dense FFNs, the shared expert and the routed
+        experts (each expert matrix of the 3-D ``GroupedExperts`` tensors gets the same
+        distribution as a dense FFN's ``nn.Linear`` weight). Routers and MH-MoE head / merge layers
+        are re-initialised afterwards by ``MHMoE.reset_parameters`` (the papers' choices)."""
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.trunc_normal_(m.weight, std=cls.INIT_STD)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        elif isinstance(m, GroupedExperts):
+            nn.init.trunc_normal_(m.w_in, std=cls.INIT_STD)
+            nn.init.trunc_normal_(m.w_out, std=cls.INIT_STD)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -13,13 +13,23 @@ solver (arXiv 2411.16205) from one SMoE reference layer of ``num_experts`` (8) e
 For ``tiny`` (dim 96, ffn 256) the solver gives mhmoe-h2 = 40 x 96 and mhmoe-h3 = 96 x 64: the
 paper's base configuration (dim 768, 8 x 2048) scaled down by 8.
 
+Ablations of the head and merge layers (2411 Table 5), registered for mhmoe-h2 and mhmoe-h3:
+
+    mhmoe-hH-nohead          no head layer    } at the same active FLOPs: the solver gives the
+    mhmoe-hH-nomerge         no merge layer   } removed d x d MACs to wider experts (expert
+    mhmoe-hH-nohead-nomerge  neither          } counts rounded to a multiple of 4)
+
+(The same expert shapes without a layer, i.e. fewer FLOPs, are ``variant="mhmoe-h2"`` with
+``moe={"head_layer": False}``.) Any variant name + ``-bitnet`` is the BitNet b1.58 model of 2411
+Table 3 (``bitnet="all"``: attention, dense FFNs, head/merge layers and experts quantised).
+
 Overrides are checked strictly: an unknown key raises ``ValueError`` listing the valid ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,33 +43,75 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                  max_text_len=40),
     "small": dict(dim=384, depth=6, num_heads=6, ffn_hidden=1024, vl_layers=2, image_size=224, patch_size=16,
                   max_text_len=64),
-    # BEiT-3 base / large widths; SwiGLU FFNs of 2/3 the GELU width keep the parameter count
-    "base": dict(dim=768, depth=12, num_heads=12, ffn_hidden=2048, vl_layers=2, image_size=224, patch_size=16,
+    # BEiT-3 base / large widths; SwiGLU FFNs of 2/3 the GELU width keep the parameter count; the
+    # top three blocks hold the vision-language way, as in BEiT-3
+    "base": dict(dim=768, depth=12, num_heads=12, ffn_hidden=2048, vl_layers=3, image_size=224, patch_size=16,
                  max_text_len=64),
     "large": dict(dim=1024, depth=24, num_heads=16, ffn_hidden=2736, vl_layers=3, image_size=224, patch_size=16,
                   max_text_len=64),
 }
 VARIANTS = ("dense", "smoe", "fine-grained", "mhmoe-h2", "mhmoe-h3")
+"""The 2411 Table 1 rows (at matched active FLOPs)."""
+ABLATIONS = ("nohead", "nomerge", "nohead-nomerge")
+"""Head / merge layer ablations of 2411 Table 5, as variant name suffixes of mhmoe-h2 / mhmoe-h3."""
+ABLATION_VARIANTS = tuple(f"{v}-{a}" for v in ("mhmoe-h2", "mhmoe-h3") for a in ABLATIONS)
+BITNET_SUFFIX = "-bitnet"
+ALL_VARIANTS = VARIANTS + ABLATION_VARIANTS + tuple(v + BITNET_SUFFIX for v in VARIANTS + ABLATION_VARIANTS)
+"""Every registered variant name: the Table 1 rows, the Table 5 ablations, each also with -bitnet."""
 DEFAULT_VARIANT = "mhmoe-h2"
 REFERENCE_EXPERTS = 8
+ABLATION_EXPERT_MULTIPLE = 4
+"""Expert counts of the ablation variants are rounded to a multiple of 4 (the main variants: 8, as
+the paper): the exact parameter-parity counts there are whole multiples of 4 (36 and 32 for h=2)."""
+
+
+def list_variants() -> List[str]:
+    """Every registered variant name (``ALL_VARIANTS``)."""
+    return list(ALL_VARIANTS)
+
+
+def parse_variant(variant: str) -> Tuple[str, bool, bool, bool]:
+    """``"mhmoe-h2-nohead-bitnet"`` -> (base variant, head layer, merge layer, BitNet everywhere).
+
+    Head / merge are those of the base variant (True for mhmoe-h*, False otherwise) unless ablated."""
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"variant={variant!r} is invalid: allowed {', '.join(ALL_VARIANTS)}")
+    bitnet = variant.endswith(BITNET_SUFFIX)
+    name = variant[: -len(BITNET_SUFFIX)] if bitnet else variant
+    base = name
+    for a in sorted(ABLATIONS, key=len, reverse=True):
+        if name.endswith("-" + a):
+            base = name[: -len(a) - 1]
+            break
+    mh = base.startswith("mhmoe-")
+    head = mh and "nohead" not in name[len(base):]
+    merge = mh and "nomerge" not in name[len(base):]
+    return base, head, merge, bitnet
 
 
 def moe_variant(
     dim: int, ffn_hidden: int, variant: str, activation: str = "swiglu", num_experts: int = REFERENCE_EXPERTS
 ) -> Optional[Dict[str, Any]]:
-    """MoE fields (a dict for ``MoEConfig``, without d_model) of one variant, or None for dense."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is invalid: allowed {', '.join(VARIANTS)}")
-    if variant == "dense":
+    """MoE fields (a dict for ``MoEConfig``, without d_model) of one variant, or None for dense.
+
+    A ``-bitnet`` suffix does not change the MoE shape (``get_config`` sets ``bitnet="all"``)."""
+    base, head, merge, _ = parse_variant(variant)
+    if base == "dense":
         return None
     heads = [h for h in (2, 3) if dim % h == 0]
-    rows = {r.name: r for r in solve_parity(dim, num_experts, ffn_hidden, 1, activation, heads=heads)}
-    name = {"smoe": "smoe", "fine-grained": "fine-grained", "mhmoe-h2": "mh-moe h=2", "mhmoe-h3": "mh-moe h=3"}[variant]
+    ablated = base.startswith("mhmoe-") and not (head and merge)
+    rows = {r.name: r for r in solve_parity(
+        dim, num_experts, ffn_hidden, 1, activation, heads=heads, head_layer=head or not ablated,
+        merge_layer=merge or not ablated, expert_multiple=ABLATION_EXPERT_MULTIPLE if ablated else 8)}
+    name = {"smoe": "smoe", "fine-grained": "fine-grained", "mhmoe-h2": "mh-moe h=2", "mhmoe-h3": "mh-moe h=3"}[base]
     if name not in rows:
-        raise ValueError(f"variant={variant!r} needs dim divisible by {variant[-1]}, got dim={dim}")
+        raise ValueError(f"variant={variant!r} needs dim divisible by {base[-1]}, got dim={dim}")
     r = rows[name]
-    return dict(num_experts=r.num_experts, expert_hidden=r.expert_hidden, top_k=r.top_k, num_heads=r.num_heads,
-                activation=activation)
+    out = dict(num_experts=r.num_experts, expert_hidden=r.expert_hidden, top_k=r.top_k, num_heads=r.num_heads,
+               activation=activation)
+    if ablated:
+        out.update(head_layer=head, merge_layer=merge)
+    return out
 
 
 def list_models() -> List[str]:
@@ -71,10 +123,12 @@ def _valid_keys() -> List[str]:
 
 
 def get_config(name: str = "tiny", variant: Optional[str] = None, **overrides: Any) -> ModelConfig:
-    """The preset ``name`` with ``variant`` (default mhmoe-h2) and strict overrides.
+    """The preset ``name`` with ``variant`` (default mhmoe-h2; any of ``list_variants()``) and strict
+    overrides.
 
     ``moe`` in overrides may be a dict: it is merged into the variant's MoE fields (e.g.
-    ``moe={"router": "xmoe"}``), or None for dense."""
+    ``moe={"router": "xmoe"}``), or None for dense. A ``-bitnet`` variant sets ``bitnet="all"``
+    (an explicit ``bitnet`` override must then agree)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}: available {', '.join(list_models())}")
     unknown = sorted(set(overrides) - set(_valid_keys()))
@@ -82,7 +136,11 @@ def get_config(name: str = "tiny", variant: Optional[str] = None, **overrides: A
         raise ValueError(f"unknown model override(s) {unknown}; valid: {', '.join(_valid_keys())}")
     args = {**PRESETS[name], **{k: v for k, v in overrides.items() if k != "moe"}}
     act = args.get("activation", "swiglu")
-    moe = moe_variant(args["dim"], args["ffn_hidden"], variant or DEFAULT_VARIANT, act)
+    variant = variant or DEFAULT_VARIANT
+    moe = moe_variant(args["dim"], args["ffn_hidden"], variant, act)
+    if parse_variant(variant)[3]:
+        if args.setdefault("bitnet", "all") != "all":
+            raise ValueError(f"variant={variant!r} is the all-BitNet model but bitnet={args['bitnet']!r} was given")
     if "moe" in overrides:
         extra = overrides["moe"]
         if extra is None:

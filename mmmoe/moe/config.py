@@ -61,8 +61,11 @@ class MoEConfig:
     sub_token_residual: bool = False
     """2404 Eq. 6: add each sub-token to its expert mixture (the public code leaves it out)."""
     bitnet: bool = False
-    """BitNet b1.58 experts: ternary absmean weights and 8-bit absmax activations (STE).
-    Head, merge layers and router stay full precision."""
+    """BitNet b1.58 experts (routed and shared): ternary absmean weights and 8-bit absmax
+    activations (STE). Head, merge layers and router stay full precision (the public MH-MoE code)."""
+    bitnet_head_merge: bool = False
+    """BitNet b1.58 head and merge layers too (``ModelConfig.bitnet='all'`` sets it: the whole-model
+    BitNet of 2411 Table 3). The router always stays full precision."""
     activation_threshold: float = 0.01
     """An expert counts as activated when (its selections / tokens) exceeds this."""
 
@@ -85,7 +88,7 @@ class MoEConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 _fail(name, v, "must be true, false or null (null = on when num_heads > 1)")
-        for name in ("sub_token_residual", "bitnet"):
+        for name in ("sub_token_residual", "bitnet", "bitnet_head_merge"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be true or false")
         s = self.shared_expert_hidden

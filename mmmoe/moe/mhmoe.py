@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from mmmoe.layers.bitlinear import BitLinear
 from mmmoe.layers.mlp import FeedForward
 from mmmoe.moe.config import MoEConfig
 from mmmoe.moe.dispatch import expert_capacity, permute
@@ -34,8 +35,9 @@ class MHMoE(nn.Module):
             raise TypeError(f"MHMoE expects a MoEConfig, got {type(config).__name__}")
         self.config = c = config
         D, Dh = c.d_model, c.head_dim
-        self.head = nn.Linear(D, D) if c.use_head_layer else nn.Identity()
-        self.merge = nn.Linear(D, D) if c.use_merge_layer else nn.Identity()
+        linear = BitLinear if c.bitnet_head_merge else nn.Linear
+        self.head = linear(D, D, bias=True) if c.use_head_layer else nn.Identity()
+        self.merge = linear(D, D, bias=True) if c.use_merge_layer else nn.Identity()
         if c.router == "softmax":
             self.router = SoftmaxRouter(Dh, c.num_experts)
         else:
@@ -49,6 +51,12 @@ class MHMoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The papers' initialisation of the parts an outer model must not re-initialise: head layer
+        xavier_uniform (gain 1/sqrt(2)), merge layer xavier_uniform, zero biases, and the router's
+        own init (``SoftmaxRouter`` / ``XMoERouter.reset_parameters``). The experts and the shared
+        expert are left alone: they follow the FFN initialisation of whoever builds the layer
+        (``GroupedExperts.reset_parameters`` standalone, the backbone's scheme inside a model)."""
+        self.router.reset_parameters()
         if isinstance(self.head, nn.Linear):
             nn.init.xavier_uniform_(self.head.weight, gain=1 / math.sqrt(2))
             nn.init.zeros_(self.head.bias)

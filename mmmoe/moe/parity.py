@@ -9,15 +9,16 @@ Counting conventions (per MoE layer, per token, as in the paper):
 * An expert FFN has ``c`` weight matrices of size d_in x d_ff: ``c = 3`` for SwiGLU, ``c = 2`` for
   GELU. It costs ``c * d_in * d_ff`` parameters and the same number of multiply-adds (MACs) per
   sub-token it processes.
-* The MH-MoE head and merge layers are two d x d matrices: ``2 d^2`` parameters and MACs.
+* The MH-MoE head and merge layers are two d x d matrices: ``2 d^2`` parameters and MACs (``d^2``
+  each; the head/merge ablations of 2411 Table 5 drop one or both and re-solve the expert width).
 * The router, biases and normalisation are left out of both counts (they are small and identical
   in kind across variants). Real modules therefore hold slightly more parameters than reported.
 * An optional shared expert of width s adds ``c * d * s`` parameters and MACs to every row.
 
-FLOP parity for MH-MoE with h heads and top-k_h:
-``c * d * d_mh * k_h + 2 d^2 = c * d * d_moe * k_s``, hence
-``d_mh = (c * k_s * d_moe - 2 d) / (c * k_h)``, rounded to the nearest integer.
-Parameter parity: ``E_s * c * d * d_moe = 2 d^2 + E_mh * c * (d / h) * d_mh``; the real solution is
+FLOP parity for MH-MoE with h heads, top-k_h and n d x d layers (n = 2 with head and merge layers):
+``c * d * d_mh * k_h + n d^2 = c * d * d_moe * k_s``, hence
+``d_mh = (c * k_s * d_moe - n d) / (c * k_h)``, rounded to the nearest integer.
+Parameter parity: ``E_s * c * d * d_moe = n d^2 + E_mh * c * (d / h) * d_mh``; the real solution is
 reported as ``exact_experts`` and rounded to the nearest multiple of ``expert_multiple``.
 """
 
@@ -47,6 +48,7 @@ class ParityRow:
     expert_hidden: int
     top_k: int
     head_merge: bool
+    """The row has a head and/or a merge layer (see ``head_layer`` / ``merge_layer``)."""
     params: int
     macs_per_token: int
     param_ratio: float
@@ -55,6 +57,10 @@ class ParityRow:
     """macs_per_token / SMoE macs_per_token."""
     exact_experts: float
     """Real-valued expert count giving exact parameter parity (MH-MoE); otherwise the count used."""
+    head_layer: bool = False
+    """The row has the d x d head layer (MH-MoE rows unless ablated)."""
+    merge_layer: bool = False
+    """The row has the d x d merge layer (MH-MoE rows unless ablated)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +134,8 @@ def solve_parity(
     fine_grained_factor: int = 2,
     expert_multiple: int = 8,
     shared_expert_hidden: int = 0,
+    head_layer: bool = True,
+    merge_layer: bool = True,
 ) -> list[ParityRow]:
     """Derive Dense, SMoE, fine-grained SMoE and MH-MoE layers matched to one SMoE layer.
 
@@ -142,6 +150,8 @@ def solve_parity(
         fine_grained_factor: m; the fine-grained row has m*E experts of width d_moe/m, top m*k.
         expert_multiple: MH-MoE expert counts are rounded to a multiple of this (1 = any integer).
         shared_expert_hidden: width of an always-on FFN added to every row (0 = none).
+        head_layer, merge_layer: whether the MH-MoE rows have the d x d head / merge layer (2411
+            Table 5 ablations: without one, its d^2 MACs go to wider experts at the same FLOPs).
 
     Returns:
         Rows in order: dense, smoe, fine-grained, then one ``"mh-moe h=<h>"`` row per head count.
@@ -161,43 +171,46 @@ def solve_parity(
     smoe_macs = top_k * c * d * expert_hidden + shared
 
     def row(
-        name: str, h: int, e: int, width: int, k: int, head_merge: bool, exact: float
+        name: str, h: int, e: int, width: int, k: int, layers: tuple[bool, bool], exact: float
     ) -> ParityRow:
-        extra = 2 * d * d if head_merge else 0
+        extra = (int(layers[0]) + int(layers[1])) * d * d
         per_expert = c * (d // h) * width  # params of one expert, and MACs per routed sub-token
         params = extra + e * per_expert + shared
         macs = extra + h * k * per_expert + shared
         return ParityRow(
             name=name, num_heads=h, num_experts=e, expert_hidden=width, top_k=k,
-            head_merge=head_merge, params=params, macs_per_token=macs,
+            head_merge=any(layers), params=params, macs_per_token=macs,
             param_ratio=params / smoe_params, flop_ratio=macs / smoe_macs, exact_experts=exact,
+            head_layer=layers[0], merge_layer=layers[1],
         )
 
     m = fine_grained_factor
     rows = [
-        row("dense", 1, 1, top_k * expert_hidden, 1, False, 1.0),
-        row("smoe", 1, num_experts, expert_hidden, top_k, False, float(num_experts)),
-        row("fine-grained", 1, m * num_experts, expert_hidden // m, m * top_k, False,
+        row("dense", 1, 1, top_k * expert_hidden, 1, (False, False), 1.0),
+        row("smoe", 1, num_experts, expert_hidden, top_k, (False, False), float(num_experts)),
+        row("fine-grained", 1, m * num_experts, expert_hidden // m, m * top_k, (False, False),
             float(m * num_experts)),
     ]
+    layers = (bool(head_layer), bool(merge_layer))
+    n = sum(layers)
     for i, h in enumerate(heads):
         k_h = mh_top_k[i] if mh_top_k is not None else h
-        width_exact = Fraction(c * top_k * expert_hidden - 2 * d, c * k_h)
+        width_exact = Fraction(c * top_k * expert_hidden - n * d, c * k_h)
         width = _round_half_up(width_exact)
         if width <= 0:
             raise ValueError(
-                f"heads={h} (top-{k_h}) is infeasible: the head and merge layers (2*d_model^2 = "
-                f"{2 * d * d:,} MACs) leave no expert width within the SMoE budget of "
+                f"heads={h} (top-{k_h}) is infeasible: the head and merge layers ({n}*d_model^2 = "
+                f"{n * d * d:,} MACs) leave no expert width within the SMoE budget of "
                 f"{smoe_macs - shared:,} MACs per token; raise expert_hidden or top_k"
             )
-        exact = Fraction(num_experts * c * d * expert_hidden - 2 * d * d, c * (d // h) * width)
+        exact = Fraction(num_experts * c * d * expert_hidden - n * d * d, c * (d // h) * width)
         e_mh = max(expert_multiple, expert_multiple * _round_half_up(exact / expert_multiple))
         if k_h > e_mh:
             raise ValueError(
                 f"mh_top_k={k_h} is invalid for heads={h}: must be <= the solved expert "
                 f"count ({e_mh})"
             )
-        rows.append(row(f"mh-moe h={h}", h, e_mh, width, k_h, True, float(exact)))
+        rows.append(row(f"mh-moe h={h}", h, e_mh, width, k_h, layers, float(exact)))
     return rows
 
 

@@ -20,12 +20,20 @@ def _router_dtype(x: Tensor) -> torch.dtype:
 
 
 class SoftmaxRouter(nn.Module):
-    """Linear logits ``s W^T`` (no bias); softmax over all experts is taken in :func:`route`."""
+    """Linear logits ``s W^T`` (no bias); softmax over all experts is taken in :func:`route`.
+
+    Initialisation (``reset_parameters``): ``nn.Linear``'s default, U(-1/sqrt(dim), 1/sqrt(dim)), as
+    the gate ``wg`` of the public MH-MoE / X-MoE code (a plain ``Linear(dim, E, bias=False)``). The
+    backbone's own initialisation does not overwrite it (``MHMoE.reset_parameters`` re-applies it).
+    """
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
         self.proj = nn.Linear(dim, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=dim**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()
 
     def forward(self, s_SD: Tensor) -> Tensor:
         dt = _router_dtype(s_SD)
@@ -35,14 +43,27 @@ class SoftmaxRouter(nn.Module):
 
 class XMoERouter(nn.Module):
     """X-MoE router (Chi et al. 2022): project to a low dimension, cosine similarity against
-    L2-normalised expert embeddings (orthogonal init), divided by a learnable temperature."""
+    L2-normalised expert embeddings, divided by a learnable temperature.
+
+    Initialisation (``reset_parameters``), as X-MoE: the projection is ``nn.Linear``'s default (the
+    public code's ``wg_reduction``), the expert embeddings are orthogonal (``orthogonal_``; the public
+    code's gain does not matter here because they are L2-normalised in forward) and the temperature
+    starts at ``temperature`` (the paper's 0.3). The backbone's initialisation does not overwrite it.
+    """
 
     def __init__(self, dim: int, num_experts: int, routing_dim: int = 16, temperature: float = 0.3):
         super().__init__()
+        self.init_temperature = float(temperature)
         self.proj = nn.Linear(dim, routing_dim, bias=False)
         self.expert_embed = nn.Parameter(torch.empty(num_experts, routing_dim))
+        self.temperature = nn.Parameter(torch.tensor(self.init_temperature))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()
         nn.init.orthogonal_(self.expert_embed)
-        self.temperature = nn.Parameter(torch.tensor(float(temperature)))
+        with torch.no_grad():
+            self.temperature.fill_(self.init_temperature)
 
     def forward(self, s_SD: Tensor) -> Tensor:
         dt = _router_dtype(s_SD)
