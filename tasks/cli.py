@@ -94,6 +94,21 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_predict)
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.export import add_arguments, run
+
+    p = sub.add_parser(
+        "export",
+        help="Export a checkpoint to a self-contained model folder (safetensors, config, tokenizer, card).",
+        description="Write model.safetensors (weights only), config.json (model config, task head, "
+        "sha256 of every file), the tokenizer and a README.md model card (metrics, parity row, "
+        "training data) into --out. Load it with mmmoe.models.from_pretrained(DIR) or "
+        "'mmmoe predict TASK --model DIR'. The checkpoint is read weights-only.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
 def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     """``mmmoe fit|validate|test``: everything after the subcommand goes to LightningCLI
     (tasks/fit_cli.py), which is imported only when one of them runs."""
@@ -119,7 +134,7 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS = [
     add_parity_parser, add_data_parser, add_tokenizer_parser, add_score_parser, add_evaluate_parser,
-    add_predict_parser, add_fit_parser,
+    add_predict_parser, add_export_parser, add_fit_parser,
 ]
 
 

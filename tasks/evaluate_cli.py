@@ -141,7 +141,10 @@ def load_task_module(task_or_cls: Union[str, type], ckpt_path: PathLike, map_loc
     types; ``init_from`` is dropped) and loads ``state_dict`` strictly. Returns the module in eval mode.
     """
     from tasks.base import extract_state_dict, load_state_file
+    from tasks.export import is_model_folder, load_task_module_from_folder
 
+    if is_model_folder(ckpt_path):  # a folder written by ``mmmoe export``
+        return load_task_module_from_folder(ckpt_path, task_or_cls, map_location)
     cls = resolve_task(task_or_cls)
     obj = load_state_file(ckpt_path)
     hp = obj.get("hyper_parameters")
@@ -358,7 +361,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="task of the checkpoint")
     p.add_argument("--config", required=True, metavar="YAML",
                    help="the fine-tuning config (its data: section builds the data module)")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    p.add_argument("--ckpt", required=True, metavar="CKPT",
+                   help="fine-tuned checkpoint (read weights-only) or model folder of 'mmmoe export'")
     p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder for result files and metrics.json (default: <ckpt folder>/eval-<task>-<split>)")
@@ -448,7 +452,9 @@ PREDICT_FLAGS = {"question": "question", "sentence": "sentence", "right_image": 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="task of the checkpoint")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    src.add_argument("--model", metavar="DIR", help="model folder written by 'mmmoe export'")
     p.add_argument("--image", required=True, metavar="IMAGE", help="image file (any format PIL reads)")
     p.add_argument("--question", default=None, help="vqa: the question")
     p.add_argument("--sentence", default=None, help="nlvr2: the statement")
@@ -495,7 +501,7 @@ def run_predict(ns: argparse.Namespace) -> int:
     kwargs = {name: getattr(ns, flag) for flag, name in PREDICT_FLAGS.items() if getattr(ns, flag) is not None}
     kwargs.update(dict(ns.kw))
     try:
-        result = predict(ns.task, ns.ckpt, ns.image, kwargs, ns.device, args=ns)
+        result = predict(ns.task, ns.ckpt or ns.model, ns.image, kwargs, ns.device, args=ns)
     except UnsafeCheckpointError as exc:
         print(f"mmmoe predict: error: {exc}", file=sys.stderr)
         return 2
