@@ -83,6 +83,7 @@ TASKS: Dict[str, str] = {
     "caption": "tasks.captioning:CaptionModule",
     "lm": "tasks.lm:CausalLMModule",
     "mlm": "tasks.lm:MaskedLMModule",
+    "retrieval": "tasks.retrieval:RetrievalModule",
 }
 SPLITS = ("val", "test")
 TEXT_EMBEDDING = "backbone.text_embed.token_embed.weight"
@@ -447,7 +448,8 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ mmmoe predict
-PREDICT_FLAGS = {"question": "question", "sentence": "sentence", "right_image": "right_image", "top_k": "top_k"}
+PREDICT_FLAGS = {"question": "question", "sentence": "sentence", "right_image": "right_image", "top_k": "top_k",
+                 "texts": "texts"}
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -459,6 +461,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", default=None, help="vqa: the question")
     p.add_argument("--sentence", default=None, help="nlvr2: the statement")
     p.add_argument("--right-image", default=None, metavar="IMAGE", help="nlvr2: the right image (--image is the left)")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT", help="retrieval: the texts to rank for the image")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="vqa: how many answers to list (default 5)")
     p.add_argument("--kw", action="append", default=[], type=_key_value, metavar="NAME=VALUE",
                    help="any other keyword argument of the task's predict_one (e.g. beam_size=3); repeatable")
