@@ -85,10 +85,13 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict",
-        help="Run a fine-tuned checkpoint on one image (vqa: --question; caption).",
-        description="Load a fine-tuned checkpoint (weights-only) and predict for one image file: "
-        "'mmmoe predict vqa --ckpt C --image I --question Q' prints the answer and the top-5 "
-        "answers with scores; other tasks print their predict_one result as JSON.",
+        help="Run a fine-tuned checkpoint or model folder on one image (vqa: --question; caption; "
+        "retrieval: --texts).",
+        description="Load a fine-tuned checkpoint (weights-only) or a model folder of 'mmmoe export' "
+        "(--model DIR) and predict for one image file: 'mmmoe predict vqa --ckpt C --image I --question Q' "
+        "prints the answer and the top-5 answers with scores; 'mmmoe predict retrieval --model DIR "
+        "--image I --texts T1 T2 ...' ranks the texts for the image; other tasks print their "
+        "predict_one result as JSON.",
     )
     add_predict_arguments(p)
     p.set_defaults(handler=run_predict)

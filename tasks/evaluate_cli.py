@@ -3,7 +3,8 @@
 THE PROTOCOL (a task ``LightningModule`` class, e.g. ``tasks.vqa.VQAModule``):
 
 ``TASK: str``
-    class attribute, the short task name (``vqa``, ``nlvr2``, ``caption``, ``lm``, ``mlm``).
+    class attribute, the short task name (``vqa``, ``nlvr2``, ``caption``, ``lm``, ``mlm``,
+    ``retrieval``).
 ``evaluate_split(self, datamodule, split: str, out_dir: str) -> Dict[str, float]``
     runs the model (eval mode, no grad, on the module's device) over ``datamodule``'s ``split``
     loader (``"val"`` or ``"test"``; :func:`split_loader` calls ``datamodule.setup()`` when needed),
@@ -58,6 +59,11 @@ Commands::
     mmmoe predict vqa --ckpt CKPT --image photo.jpg --question "what color is the cat?" [--top-k 5] [--json]
     mmmoe predict nlvr2 --ckpt CKPT --image left.png --right-image right.png --sentence "..."
     mmmoe predict caption --ckpt CKPT --image photo.jpg [--kw beam_size=3]
+    mmmoe predict retrieval --model DIR --image photo.jpg --texts "a red circle" "two squares"
+    mmmoe evaluate retrieval --config configs/finetune/retrieval.yaml --ckpt CKPT --split test
+
+``--ckpt`` (and ``--model`` of ``predict``) also take a model folder written by ``mmmoe export``
+(``tasks.export.load_task_module_from_folder``: verified safetensors, no unpickling).
 
 Exit status: 0 on success, 2 on a refused checkpoint, a missing file or a wrong argument (one line
 on stderr naming the problem).
