@@ -58,6 +58,8 @@ class RetrievalModule(MMMoEModule):
     Args (besides those of ``MMMoEModule``):
         embed_dim: width of the shared embedding space (default: the model width).
         init_temperature: initial softmax temperature (CLIP / BEiT-3: 0.07); learned.
+        pooling: ``cls`` (image CLS / text BOS, BEiT-3) or ``mean`` (mean of the patches / of the
+            non-padding text positions).
         captions_per_image: captions per image at evaluation (Karpathy protocol: 5; the first ones).
     """
 
@@ -78,6 +80,7 @@ class RetrievalModule(MMMoEModule):
         init_from: Optional[str] = None,
         embed_dim: Optional[int] = None,
         init_temperature: float = 0.07,
+        pooling: str = "cls",
         captions_per_image: int = 5,
     ):
         super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
@@ -85,7 +88,7 @@ class RetrievalModule(MMMoEModule):
         if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
             raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
         self.save_hyperparameters()
-        self.head = RetrievalHead(self.config.dim, embed_dim, init_temperature)
+        self.head = RetrievalHead(self.config.dim, embed_dim, init_temperature, pooling)
         self.head.image_proj.apply(MultiwayTransformer._init_weights)
         self.head.text_proj.apply(MultiwayTransformer._init_weights)
         self._finish_init()
@@ -101,7 +104,7 @@ class RetrievalModule(MMMoEModule):
         out = self.backbone.forward_features(text_ids=text_ids, text_pad_mask=text_pad_mask)
         if stage is not None:
             self._aux = self._aux + self.moe_loss_and_log(out, "text", text_ids.shape[0])
-        return self.head.embed_text(out.hidden)
+        return self.head.embed_text(out.hidden, text_pad_mask)
 
     def forward(self, image: Tensor, text_ids: Tensor, text_pad_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Normalised (image, text) embeddings, B x E each."""

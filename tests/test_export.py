@@ -53,7 +53,7 @@ def make_module(task: str, tokenizer: str):
         return PretrainModule(**args)
     if task == "retrieval":
         from tasks.retrieval import RetrievalModule
-        return RetrievalModule(**args)
+        return RetrievalModule(pooling="mean", **args)
     raise AssertionError(task)
 
 

@@ -125,3 +125,96 @@ def test_gathered_loss_gradient_over_two_gloo_ranks(tmp_path):
     for g_rank in (res[0]["grads"], res[1]["grads"]):
         for a, b in zip(g_rank, want):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ built-in data, CLI
+@pytest.fixture(scope="module")
+def builtin(tmp_path_factory):
+    from data_pipelines.builtin import make_builtin_dataset
+    from data_pipelines.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("retrieval")
+    data = root / "data"
+    make_builtin_dataset(data, num_images=BUILTIN_IMAGES, seed=0, image_size=64)
+    tok = str(train_tokenizer([data / "text" / "en.txt"], data / "tokenizer", vocab_size=300))
+    shards = data / "shards"
+    return {"root": root, "data": data, "tokenizer": tok,
+            **{s: str(shards / f"caption-{s}.manifest.json") for s in ("train", "val", "test")}}
+
+
+BUILTIN_IMAGES = 300
+FIT_STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def finetuned(builtin):
+    import pytorch_lightning as pl
+    import yaml
+
+    from data_pipelines.datamodules import CaptionDataModule
+    from tasks.retrieval import RetrievalModule
+
+    root = builtin["root"]
+    model_args = dict(model="tiny", variant="dense", model_args={"depth": 2}, tokenizer=builtin["tokenizer"],
+                      lr=2e-3, warmup_steps=10, weight_decay=0.01)
+    data_args = dict(tokenizer=builtin["tokenizer"], train=builtin["train"], test=builtin["test"], batch_size=32,
+                     image_size=64, max_len=32, shuffle_buffer=200, num_workers=0, pin_memory=False)
+    pl.seed_everything(0, verbose=False)
+    module = RetrievalModule(**model_args)
+    trainer = pl.Trainer(max_steps=FIT_STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, CaptionDataModule(**data_args))
+    ckpt = root / "retrieval.ckpt"
+    trainer.save_checkpoint(str(ckpt))
+    cfg = root / "retrieval.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"class_path": "tasks.retrieval.RetrievalModule", "init_args": model_args},
+                                   "data": {"class_path": "data_pipelines.datamodules.CaptionDataModule",
+                                            "init_args": data_args}}))
+    return {"ckpt": str(ckpt), "config": str(cfg)}
+
+
+def test_finetuned_on_builtin_beats_random_ranking(builtin, finetuned, tmp_path, capsys):
+    from tasks.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "retrieval", "--config", finetuned["config"], "--ckpt", finetuned["ckpt"],
+                 "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    m = json.loads((out / "metrics.json").read_text())
+    res = json.loads((out / "retrieval_results.json").read_text())
+    coco = json.loads((builtin["data"] / "coco" / "dataset_coco.json").read_text())
+    test_ids = {im["cocoid"] for im in coco["images"] if im["split"] == "test"}
+    assert {r["image_id"] for r in res["image_to_text"]} == test_ids
+    assert m["retrieval_num_images"] == len(test_ids) and m["retrieval_num_texts"] == 5 * len(test_ids)
+    texts = {t["text_id"]: t for t in res["texts"]}
+    # the file's rankings give the metrics: R@1 image->text = share of images whose first text is theirs
+    i2t1 = sum(texts[r["ranked_text_ids"][0]]["image_id"] == r["image_id"] for r in res["image_to_text"])
+    t2i1 = sum(r["ranked_image_ids"][0] == texts[r["text_id"]]["image_id"] for r in res["text_to_image"])
+    assert m["retrieval_i2t_r1"] == pytest.approx(100 * i2t1 / len(test_ids))
+    assert m["retrieval_t2i_r1"] == pytest.approx(100 * t2i1 / len(texts))
+    for d in ("i2t", "t2i"):
+        assert m[f"retrieval_{d}_r1"] >= 3 * m[f"retrieval_{d}_r1_random"], (d, m)
+        assert m[f"retrieval_{d}_r5"] > m[f"retrieval_{d}_r5_random"] + 15, (d, m)
+
+
+def test_predict_ranks_texts_from_checkpoint_and_folder(builtin, finetuned, tmp_path, capsys):
+    from tasks.cli import main
+
+    coco = json.loads((builtin["data"] / "coco" / "dataset_coco.json").read_text())
+    im = next(i for i in coco["images"] if i["split"] == "test")
+    image = builtin["data"] / "coco" / im["filepath"] / im["filename"]
+    texts = [im["sentences"][0]["raw"], "three large green circles", "a purple triangle on a white background"]
+    args = ["--image", str(image), "--texts", *texts, "--json", "--device", "cpu"]
+    assert main(["predict", "retrieval", "--ckpt", finetuned["ckpt"], *args]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert sorted(r["text"] for r in got["ranking"]) == sorted(texts)
+    scores = [r["score"] for r in got["ranking"]]
+    assert scores == sorted(scores, reverse=True) and sum(r["probability"] for r in got["ranking"]) == pytest.approx(1, abs=1e-3)
+    folder = tmp_path / "model"
+    assert main(["export", "--ckpt", finetuned["ckpt"], "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "retrieval", "--model", str(folder), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["ranking"] == got["ranking"]
+    assert main(["predict", "retrieval", "--ckpt", finetuned["ckpt"], "--image", str(image), "--texts", " "]) == 2
+    assert "non-empty" in capsys.readouterr().err

@@ -76,7 +76,8 @@ def head_spec(head: nn.Module, backbone: MultiwayTransformer) -> Dict[str, Any]:
         return {"class": "NLVR2Head", "args": {"dim": head.image_pooler.dense.in_features,
                                                "eps": head.image_pooler.norm.eps}}
     if isinstance(head, RetrievalHead):
-        return {"class": "RetrievalHead", "args": {"dim": head.image_proj.in_features, "embed_dim": head.embed_dim}}
+        return {"class": "RetrievalHead", "args": {"dim": head.image_proj.in_features, "embed_dim": head.embed_dim,
+                                                   "pooling": head.pooling}}
     raise ValueError(f"no saved form for a head of type {type(head).__name__}")
 
 
