@@ -142,8 +142,8 @@ def builtin(tmp_path_factory):
             **{s: str(shards / f"caption-{s}.manifest.json") for s in ("train", "val", "test")}}
 
 
-BUILTIN_IMAGES = 300
-FIT_STEPS = 150
+BUILTIN_IMAGES = 300  # Karpathy test split: 30 images, 150 captions
+FIT_STEPS = 200  # from scratch (dense, depth 1, mean pooling): the CPU suite cannot afford a pretraining
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def finetuned(builtin):
     from tasks.retrieval import RetrievalModule
 
     root = builtin["root"]
-    model_args = dict(model="tiny", variant="dense", model_args={"depth": 2}, tokenizer=builtin["tokenizer"],
-                      lr=2e-3, warmup_steps=10, weight_decay=0.01)
+    model_args = dict(model="tiny", variant="dense", model_args={"depth": 1}, tokenizer=builtin["tokenizer"],
+                      pooling="mean", lr=1e-3, warmup_steps=10, weight_decay=0.01)
     data_args = dict(tokenizer=builtin["tokenizer"], train=builtin["train"], test=builtin["test"], batch_size=32,
                      image_size=64, max_len=32, shuffle_buffer=200, num_workers=0, pin_memory=False)
     pl.seed_everything(0, verbose=False)
@@ -194,8 +194,9 @@ def test_finetuned_on_builtin_beats_random_ranking(builtin, finetuned, tmp_path,
     assert m["retrieval_i2t_r1"] == pytest.approx(100 * i2t1 / len(test_ids))
     assert m["retrieval_t2i_r1"] == pytest.approx(100 * t2i1 / len(texts))
     for d in ("i2t", "t2i"):
-        assert m[f"retrieval_{d}_r1"] >= 3 * m[f"retrieval_{d}_r1_random"], (d, m)
-        assert m[f"retrieval_{d}_r5"] > m[f"retrieval_{d}_r5_random"] + 15, (d, m)
+        # measured: R@1 26.7 / 12.0 and R@5 66.7 / 48.0 against 3.3 / 3.3 and 15.8 / 16.7 at random
+        assert m[f"retrieval_{d}_r1"] >= 2.5 * m[f"retrieval_{d}_r1_random"], (d, m)
+        assert m[f"retrieval_{d}_r5"] > m[f"retrieval_{d}_r5_random"] + 20, (d, m)
 
 
 def test_predict_ranks_texts_from_checkpoint_and_folder(builtin, finetuned, tmp_path, capsys):
