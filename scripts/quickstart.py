@@ -188,7 +188,7 @@ def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Pat
         from data_pipelines.datamodules import CaptionDataModule
         from tasks.retrieval import RetrievalModule
 
-        module = RetrievalModule(**common)
+        module = RetrievalModule(pooling="mean", **common)
         dm = CaptionDataModule(train=str(s / "caption-train.manifest.json"), val=str(s / "caption-val.manifest.json"),
                                test=str(s / "caption-test.manifest.json"), **data_common)
         split = "test"

@@ -116,7 +116,9 @@ def find_metrics(ckpt: PathLike, extra: Optional[List[PathLike]] = None) -> Dict
 
 
 def find_run_config(ckpt: PathLike, config: Optional[PathLike] = None) -> Optional[Path]:
-    """The run's LightningCLI ``config.yaml`` (``config`` when given) in the checkpoint's folder or above."""
+    """The run's LightningCLI ``config.yaml`` (``config`` when given): in the checkpoint's folder or
+    the two above it, else the newest ``<run>/<logger>/version_N/config.yaml`` of the run folder
+    above the checkpoint folder."""
     if config is not None:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config {str(config)!r} does not exist")
@@ -126,11 +128,14 @@ def find_run_config(ckpt: PathLike, config: Optional[PathLike] = None) -> Option
         for name in ("config.yaml", "config.yml"):
             if (d / name).is_file():
                 return d / name
-    return None
+    # LightningCLI saves it in the logger's folder: <run>/<logger name>/version_N/config.yaml
+    saved = sorted(here.parent.glob("*/*/config.yaml"), key=lambda p: p.stat().st_mtime)
+    return saved[-1] if saved else None
 
 
 def data_manifests(config: Optional[Path]) -> List[str]:
-    """Names of the shard sets in the config's ``data:`` section (manifests and shard patterns)."""
+    """``"<data argument>: <shard set>"`` for the manifests and shards in the config's ``data:``
+    section (e.g. ``train: caption-train``, ``image_text.coco: coco-pretrain``)."""
     if config is None:
         return []
     import yaml
@@ -141,20 +146,20 @@ def data_manifests(config: Optional[Path]) -> List[str]:
         raise ValueError(f"{config} is not valid YAML: {exc}") from None
     names: List[str] = []
 
-    def walk(x: Any) -> None:
+    def walk(x: Any, key: str) -> None:
         if isinstance(x, str):
             if x.endswith(".manifest.json"):
-                names.append(Path(x).name[: -len(".manifest.json")])
+                names.append(f"{key}: {Path(x).name[: -len('.manifest.json')]}")
             elif x.endswith(".tar"):
-                names.append(Path(x).name)
+                names.append(f"{key}: {Path(x).name}")
         elif isinstance(x, Mapping):
-            for v in x.values():
-                walk(v)
+            for k, v in x.items():
+                walk(v, k if key in ("", "init_args") else f"{key}.{k}")
         elif isinstance(x, (list, tuple)):
             for v in x:
-                walk(v)
+                walk(v, key)
 
-    walk(cfg.get("data", {}) if isinstance(cfg, Mapping) else {})
+    walk(cfg.get("data", {}) if isinstance(cfg, Mapping) else {}, "")
     return sorted(set(names))
 
 

@@ -246,3 +246,22 @@ def test_cli_export_and_predict_with_folder(vqa_folder, tmp_path, capsys):
     assert from_folder == from_ckpt and from_ckpt["answer"] in ANSWERS
     assert main(["predict", "nlvr2", "--model", str(out), "--image", str(img), "--sentence", "x"]) == 2
     assert "holds a vqa model" in capsys.readouterr().err
+
+
+def test_card_lists_training_data_of_the_run_config(tmp_path):
+    import yaml
+
+    from tasks.export import data_manifests, find_run_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "csv" / "version_0").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    cfg = {"model": {"init_args": {"tokenizer": "t.model"}}, "data": {"class_path": "X", "init_args": {
+        "image_text": {"coco": {"shards": "s/coco-pretrain.manifest.json", "weight": 1}, "web": "s/web-{000..009}.tar"},
+        "text": {"en": "s/text-en.manifest.json"}, "val_image_text": "s/val.manifest.json"}}}
+    (run / "csv" / "version_0" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    found = find_run_config(ckpt)
+    assert found == run / "csv" / "version_0" / "config.yaml"
+    assert data_manifests(found) == ["image_text.coco.shards: coco-pretrain", "image_text.web: web-{000..009}.tar",
+                                     "text.en: text-en", "val_image_text: val"]
