@@ -77,19 +77,32 @@ def all_gather_no_grad(x: Tensor, sizes: List[int], group: Any = None) -> Tensor
 
 
 def contrastive_loss(image_emb_BE: Tensor, text_emb_BE: Tensor, scale: Tensor,
-                     image_ids_B: Optional[Tensor] = None, group: Any = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Symmetric InfoNCE of this rank's rows against the global batch (see the module docstring).
+                     image_ids_B: Optional[Tensor] = None, group: Any = None,
+                     gather: bool = True) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Symmetric InfoNCE of this rank's rows against the global batch (``gather=False``: against
+    this rank's batch only, no collective call; validation, whose ranks may see different numbers
+    of batches). Pairs with the same ``image_ids_B`` are all positives.
 
     Returns (loss, {"i2t_acc", "t2i_acc"}: in-batch top-1 accuracy of this rank's rows)."""
     B = image_emb_BE.shape[0]
+    if not gather:
+        return _loss_rows(image_emb_BE, text_emb_BE, scale, image_ids_B, [B], 0, None, local=True)
     sizes = gathered_sizes(B, image_emb_BE.device, group)
     rank, _ = _world(group)
-    img_GE = all_gather_with_grad(image_emb_BE, sizes, group)
-    txt_GE = all_gather_with_grad(text_emb_BE, sizes, group)
+    return _loss_rows(image_emb_BE, text_emb_BE, scale, image_ids_B, sizes, rank, group, local=False)
+
+
+def _loss_rows(image_emb_BE: Tensor, text_emb_BE: Tensor, scale: Tensor, image_ids_B: Optional[Tensor],
+               sizes: List[int], rank: int, group: Any, local: bool) -> Tuple[Tensor, Dict[str, Tensor]]:
+    B = image_emb_BE.shape[0]
+    img_GE = image_emb_BE if local else all_gather_with_grad(image_emb_BE, sizes, group)
+    txt_GE = text_emb_BE if local else all_gather_with_grad(text_emb_BE, sizes, group)
     start = sum(sizes[:rank])
     rows = slice(start, start + B)
     if image_ids_B is None:
         ids_G = torch.arange(sum(sizes), device=img_GE.device)
+    elif local:
+        ids_G = image_ids_B.reshape(-1)
     else:
         ids_G = all_gather_no_grad(image_ids_B.reshape(-1, 1), sizes, group).reshape(-1)
     pos_BG = (ids_G[rows, None] == ids_G[None, :]).float()  # pairs of the same image are positives

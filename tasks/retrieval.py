@@ -42,8 +42,7 @@ from torch import Tensor
 from mmmoe.models import MultiwayTransformer
 from mmmoe.models.dual_encoder import RetrievalHead
 from tasks.base import MMMoEModule
-from tasks.contrastive import (RECALL_KS, all_gather_no_grad, all_gather_with_grad, contrastive_loss,  # noqa: F401
-                               gathered_sizes, random_recall, recall_at_k)
+from tasks.contrastive import RECALL_KS, contrastive_loss, random_recall, recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +116,8 @@ class RetrievalModule(MMMoEModule):
         img = self.encode_image(batch["image"], stage)
         txt = self.encode_text(ids, pad, stage)
         B = img.shape[0]
-        loss, acc = contrastive_loss(img, txt, self.head.scale(), batch.get("image_id"))
+        # training: the global batch of every rank (gathered with gradient); validation: this rank's
+        loss, acc = contrastive_loss(img, txt, self.head.scale(), batch.get("image_id"), gather=stage == "train")
         self.log(f"{stage}/retrieval_loss", loss.detach(), batch_size=B, prog_bar=stage == "train")
         self.log(f"{stage}/i2t_acc", acc["i2t_acc"], batch_size=B)
         self.log(f"{stage}/t2i_acc", acc["t2i_acc"], batch_size=B, prog_bar=stage == "val")

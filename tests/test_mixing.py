@@ -8,9 +8,7 @@ import itertools
 from collections import Counter
 
 import pytest
-import torch
 
-from data_pipelines import mixing
 from data_pipelines import wds as W
 from data_pipelines.mixing import MixedSource, count_sources, mixed_pipeline, parse_mix, proportions
 from tests.test_wds import TOK, make_shards

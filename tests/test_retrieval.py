@@ -5,10 +5,7 @@ process's over the whole batch, and fine-tuning on the built-in data beating ran
 
 import itertools
 import json
-import math
-import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +84,8 @@ def test_contrastive_loss_matches_clip_formula_and_handles_shared_images():
     tgt = pos / pos.sum(1, keepdim=True)
     ref2 = 0.5 * (-(tgt * logits.log_softmax(1)).sum(1).mean() - (tgt * logits.t().log_softmax(1)).sum(1).mean())
     assert loss2.item() == pytest.approx(ref2.item(), rel=1e-6)
+    local, _ = contrastive_loss(img, txt, scale, ids, gather=False)  # one process: the same
+    assert local.item() == pytest.approx(loss2.item(), rel=1e-6)
 
 
 def _free_port() -> int:
