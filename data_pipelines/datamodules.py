@@ -35,12 +35,15 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import CombinedLoader
 
 from . import wds as readers
+from .mixing import mixed_pipeline
 from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RATIO
 
 log = logging.getLogger(__name__)
 
 Urls = Union[str, Sequence[str]]
 TextUrls = Union[Urls, Mapping[str, Urls]]
+#: one shard set, or named sets with sampling weights: {name: urls | {shards: urls, weight: w}}
+MixUrls = Union[Urls, Dict[str, Union[Urls, Dict[str, Any]]]]
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
@@ -132,13 +135,19 @@ class PretrainDataModule(ReaderDataModule):
     the readers resample shards forever and ``epoch_samples`` sets the epoch length, so every
     rank gets the same number of steps; ``resampled=False`` reads each sample once per epoch
     (CombinedLoader ``mode`` then decides what happens when one kind runs out; default
-    "max_size_cycle" there, "min_size" for resampled readers, see ``combined_mode``)."""
+    "max_size_cycle" there, "min_size" for resampled readers, see ``combined_mode``).
+
+    ``image_text`` and ``image`` take one shard set, or several named sets with sampling weights
+    (``{coco: {shards: ..., weight: 0.3}, web: {shards: ..., weight: 0.7}}``, mixed per sample by
+    ``data_pipelines.mixing``; batches then carry ``source``, logged by its
+    ``MixProportionsCallback``); ``text`` takes one set per language, sampled with p ~ n ** alpha
+    (``language_alpha``)."""
 
     def __init__(
         self,
         tokenizer: Any,
-        image_text: Optional[Urls] = None,
-        image: Optional[Urls] = None,
+        image_text: Optional[MixUrls] = None,
+        image: Optional[MixUrls] = None,
         text: Optional[TextUrls] = None,
         val_image_text: Optional[Urls] = None,
         batch_size: int = 32,
@@ -172,15 +181,16 @@ class PretrainDataModule(ReaderDataModule):
         tok = self.tokenizer = load_tokenizer(self.tokenizer)
         epoch = h.epoch_samples if h.resampled else None
         common = dict(batch_size=h.batch_size, resampled=h.resampled, epoch_samples=epoch, shuffle_buffer=h.shuffle_buffer)
-        if h.image_text is not None:
-            self.pipelines["train/image_text"] = readers.image_text_pipeline(
-                h.image_text, tok, image_size=h.image_size, train=True, max_len=h.max_len, patch_size=h.patch_size,
-                image_mask_ratio=h.image_mask_ratio, mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, **common,
+        if h.image_text is not None:  # one shard set, or several mixed by weight (data_pipelines.mixing)
+            self.pipelines["train/image_text"] = mixed_pipeline(
+                readers.image_text_pipeline, h.image_text, where="image_text", tokenizer=tok, image_size=h.image_size,
+                train=True, max_len=h.max_len, patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio,
+                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, **common,
             )
         if h.image is not None:
-            self.pipelines["train/image"] = readers.image_pipeline(
-                h.image, image_size=h.image_size, train=True, patch_size=h.patch_size,
-                image_mask_ratio=h.image_mask_ratio, normalize=h.normalize, **common,
+            self.pipelines["train/image"] = mixed_pipeline(
+                readers.image_pipeline, h.image, where="image", image_size=h.image_size, train=True,
+                patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio, normalize=h.normalize, **common,
             )
         if h.text is not None:
             self.pipelines["train/text"] = readers.text_pipeline(

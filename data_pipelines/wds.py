@@ -764,7 +764,7 @@ class Collate:
         for name in ("question_id", "image_id", "label"):
             if name in first:
                 batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
-        for name in ("answers", "identifier", "captions", "lang"):
+        for name in ("answers", "identifier", "captions", "lang", "source"):  # source: data_pipelines.mixing
             if name in first:
                 batch[name] = [s[name] for s in samples]
         return batch

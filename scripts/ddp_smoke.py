@@ -30,6 +30,7 @@ CONFIGS = [
     "configs/finetune/vqa.yaml",
     "configs/finetune/nlvr2.yaml",
     "configs/finetune/caption.yaml",
+    "configs/finetune/retrieval.yaml",
     "configs/lm/causal_en.yaml",
     "configs/lm/mlm_multilingual.yaml",
 ]

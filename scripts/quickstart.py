@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """The main job, end to end on the built-in dataset: data -> tokenizer -> masked image-text
-pretraining of a tiny multiway MH-MoE -> VQA, NLVR2 and captioning fine-tuning from that checkpoint
--> official metrics -> expert-activation heatmap -> results table.
+pretraining of a tiny multiway MH-MoE -> VQA, NLVR2, captioning and image-text retrieval fine-tuning
+from that checkpoint -> official metrics -> expert-activation heatmap -> results table.
 
 Writes under --out (default runs/quickstart):
     results.json                 headline numbers, baselines, expert activation, timings
     activation_heatmap.png       expert activation ratio per MoE layer (rows) and expert (columns)
     pretrain_curves.png          pretraining MLM / MIM losses (one line per variant with --compare)
-    <variant>/pretrain.ckpt, <variant>/{vqa,nlvr2,caption}/   checkpoints, official result files,
+    <variant>/pretrain.ckpt, <variant>/{vqa,nlvr2,caption,retrieval}/   checkpoints, official result files,
                                  metrics.json, CSV logs
 The dataset and tokenizer go to --data (default data/synth, the path the configs under configs/
 use), so `mmmoe fit --config configs/finetune/vqa.yaml` and friends find them afterwards.
@@ -156,13 +156,14 @@ def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Pat
              args: argparse.Namespace) -> Dict[str, float]:
     s = paths["shards"]
     tdir = out / task
-    steps = {"vqa": args.vqa_steps, "nlvr2": args.nlvr2_steps, "caption": args.caption_steps}[task]
-    lr = {"vqa": args.vqa_lr, "nlvr2": args.nlvr2_lr, "caption": args.caption_lr}[task]
+    steps = {"vqa": args.vqa_steps, "nlvr2": args.nlvr2_steps, "caption": args.caption_steps,
+             "retrieval": args.retrieval_steps}[task]
+    lr = {"vqa": args.vqa_lr, "nlvr2": args.nlvr2_lr, "caption": args.caption_lr, "retrieval": args.retrieval_lr}[task]
     common = dict(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=lr,
                   warmup_steps=min(100, steps // 10), init_from=str(ckpt) if ckpt else None)
     data_common = dict(tokenizer=str(paths["tokenizer"]), batch_size=args.batch_size, image_size=args.image_size_model,
                        max_len=40, shuffle_buffer=500, num_workers=args.workers, pin_memory=False)
-    cfg = {"vqa": "vqa", "nlvr2": "nlvr2", "caption": "caption"}[task]
+    cfg = task
     _say(f"[{variant}] fine-tuning {task} {steps} steps  (mmmoe fit --config configs/finetune/{cfg}.yaml "
          f"--model.init_args.init_from {ckpt} --trainer.max_steps {steps})")
     if task == "vqa":
@@ -183,6 +184,14 @@ def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Pat
         dm = NLVR2DataModule(train=str(s / "nlvr2-train.manifest.json"), val=str(s / "nlvr2-dev.manifest.json"),
                              **data_common)
         split = "val"
+    elif task == "retrieval":
+        from data_pipelines.datamodules import CaptionDataModule
+        from tasks.retrieval import RetrievalModule
+
+        module = RetrievalModule(pooling="mean", **common)
+        dm = CaptionDataModule(train=str(s / "caption-train.manifest.json"), val=str(s / "caption-val.manifest.json"),
+                               test=str(s / "caption-test.manifest.json"), **data_common)
+        split = "test"
     else:
         from data_pipelines.datamodules import CaptionDataModule
         from tasks.captioning import CaptionModule
@@ -236,10 +245,14 @@ def summarise(runs: List[Dict[str, Any]], args: argparse.Namespace, wall: float)
         "nlvr2_consistency": main.get("nlvr2", {}).get("nlvr2_consistency"),
         "caption_cider": main.get("caption", {}).get("caption_cider"),
         "caption_bleu4": main.get("caption", {}).get("caption_bleu4"),
+        "retrieval_i2t_r1": main.get("retrieval", {}).get("retrieval_i2t_r1"),
+        "retrieval_t2i_r1": main.get("retrieval", {}).get("retrieval_t2i_r1"),
         "baselines": {
             "vqa_majority": main.get("vqa", {}).get("vqa_majority_baseline"),
             "nlvr2_majority": main.get("nlvr2", {}).get("nlvr2_majority_baseline"),
             "caption_constant_cider": main.get("caption", {}).get("caption_baseline_cider"),
+            "retrieval_i2t_r1_random": main.get("retrieval", {}).get("retrieval_i2t_r1_random"),
+            "retrieval_t2i_r1_random": main.get("retrieval", {}).get("retrieval_t2i_r1_random"),
         },
         "expert_activation_ratio": main.get("expert_activation_ratio"),
         "expert_activation_per_layer": main.get("expert_activation_per_layer"),
@@ -273,6 +286,10 @@ def print_table(results: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
         ("NLVR2 consistency (dev)", "nlvr2", "nlvr2_consistency", None, "", 1.0),
         ("Caption CIDEr-D (test, x100)", "caption", "caption_cider", b["caption_constant_cider"], "constant caption", 100.0),
         ("Caption BLEU-4 (test, x100)", "caption", "caption_bleu4", None, "", 100.0),
+        ("Retrieval image->text R@1 (test)", "retrieval", "retrieval_i2t_r1", b.get("retrieval_i2t_r1_random"),
+         "random ranking", 1.0),
+        ("Retrieval text->image R@1 (test)", "retrieval", "retrieval_t2i_r1", b.get("retrieval_t2i_r1_random"),
+         "random ranking", 1.0),
     ]
     names = [VARIANT_LABELS.get(r["variant"], r["variant"]) for r in runs]
     w = max(12, *(len(n) for n in names))
@@ -303,16 +320,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="also train dense and SMoE backbones at matched FLOPs")
     p.add_argument("--compare-variants", nargs="+", default=["smoe", "dense"], choices=list(VARIANT_LABELS),
                    help="what --compare adds (default: smoe dense)")
-    p.add_argument("--tasks", nargs="+", default=["vqa", "nlvr2", "caption"], choices=["vqa", "nlvr2", "caption"])
+    p.add_argument("--tasks", nargs="+", default=["vqa", "nlvr2", "caption", "retrieval"],
+                   choices=["vqa", "nlvr2", "caption", "retrieval"])
     p.add_argument("--pretrain-steps", type=int, default=800, help="0 = fine-tune from scratch (default 800)")
     p.add_argument("--vqa-steps", type=int, default=600, help="(default 600)")
     p.add_argument("--nlvr2-steps", type=int, default=1000, help="(default 1000)")
     p.add_argument("--caption-steps", type=int, default=600, help="(default 600)")
+    p.add_argument("--retrieval-steps", type=int, default=300, help="(default 300)")
     p.add_argument("--batch-size", type=int, default=32, help="(default 32)")
     p.add_argument("--pretrain-lr", type=float, default=2e-3, help="(default 2e-3)")
     p.add_argument("--vqa-lr", type=float, default=1e-3, help="(default 1e-3)")
     p.add_argument("--nlvr2-lr", type=float, default=3e-4, help="(default 3e-4)")
     p.add_argument("--caption-lr", type=float, default=1e-3, help="(default 1e-3)")
+    p.add_argument("--retrieval-lr", type=float, default=1e-3, help="(default 1e-3)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers (default 1)")
     p.add_argument("--activation-threshold", type=float, default=0.01, help="'activated expert' threshold (default 0.01)")
     p.add_argument("--accelerator", default="auto", help="auto (GPU when present), cpu or gpu (default auto)")
@@ -321,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("num_images", "batch_size", "vocab_size"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("pretrain_steps", "vqa_steps", "nlvr2_steps", "caption_steps", "workers"):
+    for name in ("pretrain_steps", "vqa_steps", "nlvr2_steps", "caption_steps", "retrieval_steps", "workers"):
         if getattr(a, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return a

@@ -367,6 +367,7 @@ class MMMoEModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Store the tokenizer path absolute, so ``mmmoe evaluate`` / ``predict`` find it from any
         working directory."""
+        checkpoint["mmmoe_task_class"] = f"{type(self).__module__}:{type(self).__qualname__}"  # for mmmoe export
         hp = checkpoint.get("hyper_parameters")
         tok = hp.get("tokenizer") if isinstance(hp, dict) else None
         if isinstance(tok, str) and not os.path.isabs(tok) and os.path.exists(tok):

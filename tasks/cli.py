@@ -85,13 +85,31 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "predict",
-        help="Run a fine-tuned checkpoint on one image (vqa: --question; caption).",
-        description="Load a fine-tuned checkpoint (weights-only) and predict for one image file: "
-        "'mmmoe predict vqa --ckpt C --image I --question Q' prints the answer and the top-5 "
-        "answers with scores; other tasks print their predict_one result as JSON.",
+        help="Run a fine-tuned checkpoint or model folder on one image (vqa: --question; caption; "
+        "retrieval: --texts).",
+        description="Load a fine-tuned checkpoint (weights-only) or a model folder of 'mmmoe export' "
+        "(--model DIR) and predict for one image file: 'mmmoe predict vqa --ckpt C --image I --question Q' "
+        "prints the answer and the top-5 answers with scores; 'mmmoe predict retrieval --model DIR "
+        "--image I --texts T1 T2 ...' ranks the texts for the image; other tasks print their "
+        "predict_one result as JSON.",
     )
     add_predict_arguments(p)
     p.set_defaults(handler=run_predict)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.export import add_arguments, run
+
+    p = sub.add_parser(
+        "export",
+        help="Export a checkpoint to a self-contained model folder (safetensors, config, tokenizer, card).",
+        description="Write model.safetensors (weights only), config.json (model config, task head, "
+        "sha256 of every file), the tokenizer and a README.md model card (metrics, parity row, "
+        "training data) into --out. Load it with mmmoe.models.from_pretrained(DIR) or "
+        "'mmmoe predict TASK --model DIR'. The checkpoint is read weights-only.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run)
 
 
 def add_fit_parser(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +137,7 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS = [
     add_parity_parser, add_data_parser, add_tokenizer_parser, add_score_parser, add_evaluate_parser,
-    add_predict_parser, add_fit_parser,
+    add_predict_parser, add_export_parser, add_fit_parser,
 ]
 
 

@@ -3,7 +3,8 @@
 THE PROTOCOL (a task ``LightningModule`` class, e.g. ``tasks.vqa.VQAModule``):
 
 ``TASK: str``
-    class attribute, the short task name (``vqa``, ``nlvr2``, ``caption``, ``lm``, ``mlm``).
+    class attribute, the short task name (``vqa``, ``nlvr2``, ``caption``, ``lm``, ``mlm``,
+    ``retrieval``).
 ``evaluate_split(self, datamodule, split: str, out_dir: str) -> Dict[str, float]``
     runs the model (eval mode, no grad, on the module's device) over ``datamodule``'s ``split``
     loader (``"val"`` or ``"test"``; :func:`split_loader` calls ``datamodule.setup()`` when needed),
@@ -58,6 +59,11 @@ Commands::
     mmmoe predict vqa --ckpt CKPT --image photo.jpg --question "what color is the cat?" [--top-k 5] [--json]
     mmmoe predict nlvr2 --ckpt CKPT --image left.png --right-image right.png --sentence "..."
     mmmoe predict caption --ckpt CKPT --image photo.jpg [--kw beam_size=3]
+    mmmoe predict retrieval --model DIR --image photo.jpg --texts "a red circle" "two squares"
+    mmmoe evaluate retrieval --config configs/finetune/retrieval.yaml --ckpt CKPT --split test
+
+``--ckpt`` (and ``--model`` of ``predict``) also take a model folder written by ``mmmoe export``
+(``tasks.export.load_task_module_from_folder``: verified safetensors, no unpickling).
 
 Exit status: 0 on success, 2 on a refused checkpoint, a missing file or a wrong argument (one line
 on stderr naming the problem).
@@ -83,6 +89,7 @@ TASKS: Dict[str, str] = {
     "caption": "tasks.captioning:CaptionModule",
     "lm": "tasks.lm:CausalLMModule",
     "mlm": "tasks.lm:MaskedLMModule",
+    "retrieval": "tasks.retrieval:RetrievalModule",
 }
 SPLITS = ("val", "test")
 TEXT_EMBEDDING = "backbone.text_embed.token_embed.weight"
@@ -141,7 +148,10 @@ def load_task_module(task_or_cls: Union[str, type], ckpt_path: PathLike, map_loc
     types; ``init_from`` is dropped) and loads ``state_dict`` strictly. Returns the module in eval mode.
     """
     from tasks.base import extract_state_dict, load_state_file
+    from tasks.export import is_model_folder, load_task_module_from_folder
 
+    if is_model_folder(ckpt_path):  # a folder written by ``mmmoe export``
+        return load_task_module_from_folder(ckpt_path, task_or_cls, map_location)
     cls = resolve_task(task_or_cls)
     obj = load_state_file(ckpt_path)
     hp = obj.get("hyper_parameters")
@@ -360,7 +370,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="task of the checkpoint")
     p.add_argument("--config", required=True, metavar="YAML",
                    help="the fine-tuning config (its data: section builds the data module)")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    p.add_argument("--ckpt", required=True, metavar="CKPT",
+                   help="fine-tuned checkpoint (read weights-only) or model folder of 'mmmoe export'")
     p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder for result files and metrics.json (default: <ckpt folder>/eval-<task>-<split>)")
@@ -445,16 +456,20 @@ def run_evaluate(ns: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ mmmoe predict
-PREDICT_FLAGS = {"question": "question", "sentence": "sentence", "right_image": "right_image", "top_k": "top_k"}
+PREDICT_FLAGS = {"question": "question", "sentence": "sentence", "right_image": "right_image", "top_k": "top_k",
+                 "texts": "texts"}
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="task of the checkpoint")
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="CKPT", help="fine-tuned checkpoint (read weights-only)")
+    src.add_argument("--model", metavar="DIR", help="model folder written by 'mmmoe export'")
     p.add_argument("--image", required=True, metavar="IMAGE", help="image file (any format PIL reads)")
     p.add_argument("--question", default=None, help="vqa: the question")
     p.add_argument("--sentence", default=None, help="nlvr2: the statement")
     p.add_argument("--right-image", default=None, metavar="IMAGE", help="nlvr2: the right image (--image is the left)")
+    p.add_argument("--texts", nargs="+", default=None, metavar="TEXT", help="retrieval: the texts to rank for the image")
     p.add_argument("--top-k", type=int, default=None, metavar="K", help="vqa: how many answers to list (default 5)")
     p.add_argument("--kw", action="append", default=[], type=_key_value, metavar="NAME=VALUE",
                    help="any other keyword argument of the task's predict_one (e.g. beam_size=3); repeatable")
@@ -497,7 +512,7 @@ def run_predict(ns: argparse.Namespace) -> int:
     kwargs = {name: getattr(ns, flag) for flag, name in PREDICT_FLAGS.items() if getattr(ns, flag) is not None}
     kwargs.update(dict(ns.kw))
     try:
-        result = predict(ns.task, ns.ckpt, ns.image, kwargs, ns.device, args=ns)
+        result = predict(ns.task, ns.ckpt or ns.model, ns.image, kwargs, ns.device, args=ns)
     except UnsafeCheckpointError as exc:
         print(f"mmmoe predict: error: {exc}", file=sys.stderr)
         return 2

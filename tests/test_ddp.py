@@ -191,7 +191,8 @@ def task_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config", ["pretrain/tiny.yaml", "finetune/vqa.yaml", "finetune/nlvr2.yaml",
-                                    "finetune/caption.yaml", "lm/causal_en.yaml", "lm/mlm_multilingual.yaml"])
+                                    "finetune/caption.yaml", "finetune/retrieval.yaml", "lm/causal_en.yaml",
+                                    "lm/mlm_multilingual.yaml"])
 def test_every_config_gives_every_trainable_parameter_a_gradient(config, task_data, tmp_path):
     """The precondition of DDP without find_unused_parameters, for each shipped config's task."""
     from tasks.fit_cli import MMMoECLI

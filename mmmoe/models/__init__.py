@@ -3,6 +3,7 @@
 from mmmoe.models.config import ModelConfig
 from mmmoe.models.heads import MIMHead, NLVR2Head, Pooler, TokenHead, VQAHead, mim_targets, patchify
 from mmmoe.models.multiway_transformer import BackboneOutput, KVCache, MultiwayTransformer
+from mmmoe.models.pretrained import PretrainedFolderError, PretrainedModel, from_pretrained
 from mmmoe.models.registry import (
     ABLATION_VARIANTS,
     ALL_VARIANTS,
@@ -20,5 +21,6 @@ from mmmoe.models.registry import (
 __all__ = [
     "ModelConfig", "MultiwayTransformer", "BackboneOutput", "KVCache", "TokenHead", "MIMHead", "Pooler",
     "VQAHead", "NLVR2Head", "mim_targets", "patchify", "PRESETS", "VARIANTS", "ABLATION_VARIANTS", "ALL_VARIANTS", "create_model", "get_config",
-    "list_models", "list_variants", "parse_variant", "moe_variant", "count_costs",
+    "list_models", "list_variants", "parse_variant", "moe_variant", "count_costs", "from_pretrained", "PretrainedModel",
+    "PretrainedFolderError",
 ]
