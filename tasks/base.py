@@ -282,11 +282,22 @@ class MMMoEModule(pl.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         groups = param_groups(self, h.weight_decay, skip={f"backbone.{n}" for n in self.backbone.no_weight_decay()})
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps, fused=_can_fuse(self.parameters()))
+        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps, fused=self._fused_adamw())
         total = self._total_steps()
         warm, min_ratio = int(h.warmup_steps), float(h.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warm, total, min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _fused_adamw(self) -> bool:
+        """Fused AdamW where it may be used: Lightning's mixed-precision plugin refuses gradient
+        clipping with optimisers that unscale inside their step (fused ones), so under
+        ``bf16-mixed`` / ``16-mixed`` the default (foreach) AdamW is used."""
+        from pytorch_lightning.plugins.precision import MixedPrecision
+
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision):
+            return False
+        return _can_fuse(self.parameters())
 
     def _total_steps(self) -> int:
         trainer = self._trainer
