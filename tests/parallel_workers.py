@@ -19,6 +19,7 @@ from mmmoe.moe import MHMoE, MoEConfig
 from mmmoe.parallel import (
     ExpertParallelLayout,
     clip_grad_norm_,
+    drain,
     full_optimizer_state,
     full_state_dict,
     parallelize_experts,
@@ -220,6 +221,23 @@ def model_case(rank: int, world: int, layout: ExpertParallelLayout, errors: List
         _close(gr, want_g, f"multiway model grad {pname}", errors)
 
 
+def drain_case(rank: int, world: int, layout: ExpertParallelLayout, errors: List[str]) -> None:
+    """Evaluation with uneven batch counts: rank r runs r + 1 forwards (rank 0 one), then drain();
+    the ranks still running get the single-process outputs and nobody hangs."""
+    cfg = MoEConfig(d_model=D, num_experts=E, expert_hidden=8, top_k=2, num_heads=3)
+    torch.manual_seed(5)
+    ref = MHMoE(cfg).eval()
+    ep = parallelize_experts(copy.deepcopy(ref), layout).eval()
+    with torch.no_grad():
+        for i in range(rank + 1):
+            xs, pads, _ = _batch(300 + 10 * rank + i, [2], None)
+            y, out = ep(xs[0], pads[0])
+            _close(y, ref(xs[0], pads[0])[0], f"drain: rank {rank} batch {i}", errors)
+        served = drain(ep)
+    if served != world - 1 - rank:
+        errors.append(f"drain: rank {rank} served {served} forwards, expected {world - 1 - rank}")
+
+
 def run(rank: int, world: int, port: int, queue) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -233,6 +251,7 @@ def run(rank: int, world: int, port: int, queue) -> None:
             if P == world == 2:  # (imports timm: ~7 s per process, so only in the 2-process run)
                 model_case(rank, world, layout, errors)
         checkpoint_case(rank, world, errors)
+        drain_case(rank, world, ExpertParallelLayout.create(world), errors)
         dist.barrier()
     except Exception:  # reported to the test, which fails with the traceback
         errors.append(traceback.format_exc())

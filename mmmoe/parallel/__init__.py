@@ -8,6 +8,8 @@ Applied from outside to a built single-device model (the model code stays single
     reduce_gradients(model, layout)                        # or DDP for the replicated weights and
                                                            # reduce_expert_gradients for the experts
     full = full_state_dict(model, layout)                  # layout-independent checkpoint
+    drain(model)                                           # after an evaluation loop whose ranks
+                                                           # ran different numbers of batches
 
 See :mod:`mmmoe.parallel.expert_parallel` for the dispatch, the capacity semantics and the
 gradient-reduction rules.
@@ -17,6 +19,7 @@ from mmmoe.parallel.comm import all_to_all
 from mmmoe.parallel.expert_parallel import (
     ExpertParallelDispatcher,
     clip_grad_norm_,
+    drain,
     expert_parameter_names,
     full_optimizer_state,
     full_state_dict,
@@ -34,6 +37,7 @@ __all__ = [
     "ExpertParallelLayout",
     "all_to_all",
     "clip_grad_norm_",
+    "drain",
     "expert_parameter_names",
     "full_optimizer_state",
     "full_state_dict",

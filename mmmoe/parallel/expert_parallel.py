@@ -63,7 +63,7 @@ EXPERT_WEIGHTS = ("w_in", "w_out")
 class ExpertParallelDispatcher:
     """Runs one MHMoE's experts across its expert-parallel group (see the module docstring)."""
 
-    def __init__(self, layer: MHMoE, layout: ExpertParallelLayout, capacity_scope: str = "group"):
+    def __init__(self, layer: MHMoE, layout: ExpertParallelLayout, capacity_scope: str = "group", index: int = 0):
         if capacity_scope not in CAPACITY_SCOPES:
             raise ValueError(f"capacity_scope={capacity_scope!r} is invalid: allowed {', '.join(CAPACITY_SCOPES)}")
         E, P = layer.config.num_experts, layout.ep_size
@@ -72,18 +72,45 @@ class ExpertParallelDispatcher:
         self.layer, self.layout, self.capacity_scope = layer, layout, capacity_scope
         self.num_local = E // P
         self.first = layout.ep_rank * self.num_local
+        self.index = index  # this layer's number in the model (the same on every rank)
         self._group_stats: Optional[Tuple[Tensor, int, int]] = None
 
     # ------------------------------------------------------------------ the seam
     def dispatch(self, s_SDh: Tensor, idx_SK: Tensor, gates_SK: Tensor) -> Tuple[Tensor, Tensor, int]:
         c = self.layer.config
+        S, K = idx_SK.shape
+        E, P = c.num_experts, self.layout.ep_size
+        dev = idx_SK.device
+        choice_SK = torch.arange(K, device=dev).unsqueeze(0).expand(S, K)
+        n_KE = torch.bincount((choice_SK * E + idx_SK).reshape(-1), minlength=K * E).view(K, E)
+        # header (active, layer, dtype) + counts, padded to the model's largest K*E (see drain)
+        header = torch.tensor([1, self.index, _DTYPES.index(s_SDh.dtype)], device=dev)
+        msg = torch.cat([header, n_KE.reshape(-1), n_KE.new_zeros(self.message_size - 3 - K * E)])
+        N_all = _all_gather_rows(msg, self.layout.ep_group, P).cpu()  # the host sync (split sizes)
+        N_PKE = self._counts(N_all)
+        y_SDh, num_dropped = self._exchange(N_PKE, n_KE, s_SDh, idx_SK, gates_SK)
+        return y_SDh, n_KE.sum(0), num_dropped
+
+    message_size = 0  # set by parallelize_experts: 3 + the largest K*E of the model's layers
+
+    def _counts(self, N_all: Tensor) -> Tensor:
+        c = self.layer.config
+        K, E = c.top_k, c.num_experts
+        active = N_all[:, 0] == 1
+        layers = N_all[active, 1].unique().tolist()
+        if layers != [self.index]:
+            raise RuntimeError(
+                f"expert-parallel ranks out of step: MoE layer {self.index} met layer(s) {layers} on other ranks "
+                "(every rank of a group must run the same MoE layers in the same order)")
+        return N_all[:, 3:3 + K * E].reshape(-1, K, E)
+
+    def _exchange(self, N_PKE: Tensor, n_KE: Tensor, s_SDh: Tensor, idx_SK: Tensor, gates_SK: Tensor):
+        """Steps 2-4 of the module docstring, given every rank's counts (P x K x E, on the host)."""
+        c = self.layer.config
         lay = self.layout
         S, K = idx_SK.shape
         E, P, El, p = c.num_experts, lay.ep_size, self.num_local, lay.ep_rank
         dev = idx_SK.device
-        choice_SK = torch.arange(K, device=dev).unsqueeze(0).expand(S, K)
-        n_KE = torch.bincount((choice_SK * E + idx_SK).reshape(-1), minlength=K * E).view(K, E)
-        N_PKE = _all_gather_rows(n_KE, lay.ep_group, P).cpu()  # the host sync (split sizes)
         routed_PE = N_PKE.sum(1)
 
         flat_A = idx_SK.t().reshape(-1)  # choice-major, as mmmoe.moe.dispatch.permute
@@ -135,7 +162,24 @@ class ExpertParallelDispatcher:
         num_dropped_local = S * K - int(token_A.numel())
         total_S = int(N_PKE[:, 0].sum())
         self._group_stats = (routed_PE.sum(0), total_S, int(routed_PE.sum() - kept_PE.sum()))
-        return y_SDh, n_KE.sum(0), num_dropped_local
+        return y_SDh, num_dropped_local
+
+    @torch.no_grad()
+    def serve(self, N_all: Tensor) -> None:
+        """Take part in one forward of this layer without tokens of its own (a rank that has run
+        out of evaluation batches, see :func:`drain`): run the local experts on what the other
+        ranks send, send it back, and join the statistics reduction."""
+        c = self.layer.config
+        w = self.layer.experts.w_in
+        dtype = _DTYPES[int(N_all[N_all[:, 0] == 1, 2][0])]
+        N_PKE = self._counts(N_all)
+        s = torch.empty(0, c.head_dim, device=w.device, dtype=dtype)
+        idx = torch.empty(0, c.top_k, device=w.device, dtype=torch.long)
+        with torch.autocast(w.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
+            self._exchange(N_PKE, torch.zeros(c.top_k, c.num_experts, dtype=torch.long, device=w.device),
+                           s, idx, s.new_empty(0, c.top_k))
+        self._group_stats = None
+        dist.all_reduce(torch.zeros(4, dtype=torch.float64, device=w.device), group=self.layout.ep_group)
 
     @torch.no_grad()
     def reduce_stats(self, out: MoEOutput) -> MoEOutput:
@@ -150,9 +194,10 @@ class ExpertParallelDispatcher:
         dev = out.aux_loss.device
         local = torch.stack([
             out.aux_loss.detach().double().to(dev), out.z_loss.detach().double().to(dev),
-            out.divergence.detach().double().to(dev) * out.num_tokens,
+            out.divergence.detach().double().to(dev) * out.num_tokens, torch.ones((), dtype=torch.float64, device=dev),
         ])
         dist.all_reduce(local, group=self.layout.ep_group)
+        P = float(local[3])  # ranks with a forward of their own (see serve)
         load_E = load_E.to(device=out.expert_load.device, dtype=torch.float32)
         ratio_E = load_E / max(T, 1)
         return MoEOutput(
@@ -166,6 +211,32 @@ class ExpertParallelDispatcher:
             dropped_fraction=torch.tensor(dropped / max(total_S * K, 1)),
             divergence=(local[2] / max(T, 1)).float(),
         )
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@torch.no_grad()
+def drain(model: nn.Module) -> int:
+    """Call on every rank after its last evaluation batch: a rank that finished early keeps serving
+    its experts to the ranks still running forwards, until every rank of its group has called
+    ``drain``. Makes evaluation loops with uneven batch counts per rank safe. Returns the number of
+    layer forwards served."""
+    layers = [m for _, m in _moe_layers(model) if m.dispatcher is not None]
+    if not layers:
+        return 0
+    by_index = {m.dispatcher.index: m for m in layers}
+    d = layers[0].dispatcher
+    dev = layers[0].experts.w_in.device
+    served = 0
+    while True:
+        msg = torch.zeros(d.message_size, dtype=torch.long, device=dev)  # header: inactive
+        N_all = _all_gather_rows(msg, d.layout.ep_group, d.layout.ep_size).cpu()
+        active = N_all[:, 0] == 1
+        if not bool(active.any()):
+            return served
+        by_index[int(N_all[active, 1][0])].dispatcher.serve(N_all)
+        served += 1
 
 
 def _all_gather_rows(t: Tensor, group, size: int) -> Tensor:
@@ -192,7 +263,9 @@ def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity
     rank, on models with identical weights (same seed or the same checkpoint), before building
     the optimiser and before wrapping in DDP. Returns ``model``."""
     P = layout.ep_size
-    for name, layer in _moe_layers(model):
+    layers = list(_moe_layers(model))
+    message_size = 3 + max((m.config.top_k * m.config.num_experts for _, m in layers), default=0)
+    for index, (name, layer) in enumerate(layers):
         if layer.dispatcher is not None:
             raise ValueError(f"MoE layer {name!r} is already expert-parallel")
         E = layer.config.num_experts
@@ -207,7 +280,8 @@ def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity
                 getattr(local, w).copy_(getattr(full, w)[lo:lo + El])
                 getattr(local, w).requires_grad_(getattr(full, w).requires_grad)
         layer.experts = local
-        layer.dispatcher = ExpertParallelDispatcher(layer, layout, capacity_scope)
+        layer.dispatcher = ExpertParallelDispatcher(layer, layout, capacity_scope, index)
+        layer.dispatcher.message_size = message_size
     return model
 
 
