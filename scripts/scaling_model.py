@@ -65,11 +65,13 @@ def a2a_seconds(bytes_out: float, P: int, eff: float) -> float:
     return max(t_nv, t_ib)
 
 
-def allreduce_seconds(nbytes: float, n: int, gpus: int, eff: float) -> float:
-    """Ring all-reduce of nbytes over n ranks spread over ``gpus`` GPUs' nodes."""
+def allreduce_seconds(nbytes: float, n: int, gpus: int, eff: float, per_node: int = GPUS_PER_NODE) -> float:
+    """Ring all-reduce of nbytes over n ranks (``per_node`` of them on each node) of a ``gpus``-GPU
+    job: NVLink inside one node; across nodes NCCL runs one ring per NIC, so the bus bandwidth is
+    the members' NICs of a node together (capped by NVLink)."""
     if n <= 1:
         return 0.0
-    bw = NVLINK_GBS if gpus <= GPUS_PER_NODE else IB_GBS
+    bw = NVLINK_GBS if gpus <= GPUS_PER_NODE else min(NVLINK_GBS, per_node * IB_GBS)
     return 2.0 * (n - 1) / n * nbytes / (bw * 1e9 * eff)
 
 
@@ -145,7 +147,11 @@ def main() -> int:
     facts = {}
     for preset in ("base", "large"):
         for label, variant in VARIANTS:
-            cfg, m, costs, L, expert = layer_facts(preset, variant)
+            try:
+                cfg, m, costs, L, expert = layer_facts(preset, variant)
+            except ValueError as exc:  # large: dim 1024 is not divisible by 3
+                print(f"| {preset} | {label} | n/a: {exc} | | | |")
+                continue
             facts[preset, variant] = (cfg, m, costs, L, expert)
             mb = a2a_bytes(T, m.top_k, cfg.dim) / 1e6
             print(f"| {preset} | {label} | {m.num_experts} x {m.expert_hidden} | {L} | "
@@ -156,6 +162,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for preset in ("base", "large"):
         for label, variant in VARIANTS:
+            if (preset, variant) not in facts:
+                continue
             cfg, m, costs, L, expert = facts[preset, variant]
             flops = 6.0 * costs["macs_per_token"] * T  # fwd + bwd, 2 FLOPs per MAC
             t_comp = flops / (PEAK_TFLOPS * 1e12 * args.mfu)
@@ -166,7 +174,8 @@ def main() -> int:
                         continue
                     t_a2a = L * a2a_seconds(a2a_bytes(T, m.top_k, cfg.dim), P, args.a2a_efficiency)
                     t_ar = (allreduce_seconds(4 * rep, gpus, gpus, args.a2a_efficiency)
-                            + allreduce_seconds(4 * expert / P, gpus // P, gpus, args.a2a_efficiency))
+                            + allreduce_seconds(4 * expert / P, gpus // P, gpus, args.a2a_efficiency,
+                                                per_node=max(1, GPUS_PER_NODE // P)))
                     per_gpu = rep + expert / P
                     step = t_comp + t_a2a + max(0.0, t_ar - 2 / 3 * t_comp)
                     print(f"| {preset} | {variant} | {gpus} | {P} | {per_gpu / 1e6:.0f}M | {t_comp * 1e3:.1f} | "

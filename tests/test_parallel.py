@@ -1,4 +1,4 @@
-"""Expert parallelism (mmmoe.parallel) in gloo process groups on CPU: one spawn of 2 and one of 4
+"""Expert parallelism (mmmoe.parallel) in gloo process groups on CPU: one start of 2 and one of 4
 processes, each running every case of tests/parallel_workers.py (EP MHMoE vs the single-process
 layer for h in {1,2,3}, top-1/2, dropless / capacity per group / capacity per rank, padding, a
 rank without tokens and experts without tokens from some rank; a multiway backbone whose ranks use
@@ -23,7 +23,10 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_matches_single_process(world):
-    ctx = mp.get_context("spawn")
+    # forkserver: the server imports torch, timm and the workers once for both tests; each worker
+    # is then a fork of a clean single-threaded process (cheap, and safe unlike forking pytest)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.parallel_workers", "mmmoe.layers.multiway"])
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=parallel_workers.run, args=(r, world, port, queue)) for r in range(world)]
