@@ -273,8 +273,9 @@ def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity
             raise ValueError(f"expert parallel degree {P} must divide the number of experts of layer {name!r} ({E})")
         full = layer.experts
         El, lo = E // P, layout.ep_rank * (E // P)
-        local = GroupedExperts(El, full.dim, full.hidden, full.activation, full.bitnet)
-        local.to(device=full.w_in.device, dtype=full.w_in.dtype)
+        with torch.device("meta"):  # no initialisation: the global RNG stream stays that of one device
+            local = GroupedExperts(El, full.dim, full.hidden, full.activation, full.bitnet)
+        local = local.to_empty(device=full.w_in.device).to(dtype=full.w_in.dtype)
         with torch.no_grad():
             for w in EXPERT_WEIGHTS:
                 getattr(local, w).copy_(getattr(full, w)[lo:lo + El])
