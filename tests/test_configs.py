@@ -78,7 +78,7 @@ def test_the_expected_configs_exist():
     names = {str(p.relative_to(CONFIG_DIR)) for p in CONFIGS}
     expected = {"pretrain/tiny.yaml", "pretrain/base.yaml"}
     expected |= {f"model/{v}.yaml" for v in VARIANTS}
-    expected |= {f"trainer/{t}.yaml" for t in ("cpu", "cpu-ddp", "1gpu", "multi-gpu", "multi-node")}
+    expected |= {f"trainer/{t}.yaml" for t in ("cpu", "cpu-ddp", "1gpu", "multi-gpu", "multi-node", "cpu-ep", "multi-gpu-ep")}
     assert expected <= names, sorted(expected - names)
 
 
@@ -108,6 +108,10 @@ def same(got, value) -> bool:
         got = list(got)
     if isinstance(value, str) and isinstance(got, float):  # PyYAML reads 1e-3 as a string
         value = float(value)
+    if isinstance(value, dict) and isinstance(got, dict) and "class_path" in value:  # + defaults filled in
+        given = value.get("init_args") or {}
+        return got.get("class_path") == value["class_path"] and all(
+            same((got.get("init_args") or {}).get(k), v) for k, v in given.items())
     return got == value
 
 
@@ -132,7 +136,7 @@ def test_model_fragments_give_matched_variants(parser):
 
 def test_trainer_fragments(parser):
     want = {"cpu": ("cpu", 1, 1), "cpu-ddp": ("cpu", 2, 1), "1gpu": ("gpu", 1, 1), "multi-gpu": ("gpu", -1, 1),
-            "multi-node": ("gpu", 8, 4)}
+            "multi-node": ("gpu", 8, 4), "cpu-ep": ("cpu", 2, 1), "multi-gpu-ep": ("gpu", -1, 1)}
     for name, (acc, devices, nodes) in want.items():
         t = parse(parser, TINY, CONFIG_DIR / "trainer" / f"{name}.yaml").trainer
         assert (t.accelerator, t.devices, t.num_nodes, t.precision) == (acc, devices, nodes, "auto"), name

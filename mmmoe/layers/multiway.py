@@ -73,11 +73,15 @@ class MultiwayFFN(nn.Module):
         parts, start = [], 0
         for w, name in enumerate(WAYS):
             T = counts[w]
-            if T == 0:
+            # an expert-parallel way (mmmoe.parallel) joins its group's collectives even without tokens
+            collective = name in self.ways and getattr(self.ways[name], "dispatcher", None) is not None
+            if T == 0 and not collective:
                 continue
             x_TD = x_ND[order_N[start : start + T]]
             if self.is_moe:
-                y_TD, stats[name] = self.ways[name](x_TD)
+                y_TD, out = self.ways[name](x_TD)
+                if out.num_tokens:  # (group-wide count when expert-parallel)
+                    stats[name] = out
             else:
                 y_TD = self.ways[name](x_TD)
             parts.append(y_TD)

@@ -48,6 +48,9 @@ class MHMoE(nn.Module):
         )
         # aux-loss-free balancing: a selection bias per expert, changed only by update_balancing()
         self.register_buffer("expert_bias", torch.zeros(c.num_experts), persistent=True)
+        # None: every expert lives here. mmmoe.parallel sets an object whose dispatch(s, idx, gates)
+        # replaces self.dispatch and whose reduce_stats(MoEOutput) makes the statistics global
+        self.dispatcher = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,13 +106,8 @@ class MHMoE(nn.Module):
         probs_SE, idx_SK, gates_SK = route(logits_SE, K, bias)
 
         S = T * h
-        capacity = None if c.capacity_factor is None else expert_capacity(S, E, K, c.capacity_factor)
-        plan = permute(idx_SK, E, capacity)
-        # no Python list of counts here: the grouped kernel reads the device offsets, so a dropless
-        # forward makes no host-device sync (the fallback loop derives the list itself)
-        offs_E, _ = expert_offsets(plan.counts_E, with_counts=False)
-        gate_A = gates_SK.t().reshape(-1)[plan.order_A]
-        y_SDh = self.experts(s_SDh, plan.token_A, gate_A, offs_E)
+        run = self.dispatch if self.dispatcher is None else self.dispatcher.dispatch
+        y_SDh, routed_E, num_dropped = run(s_SDh, idx_SK, gates_SK)
         if c.sub_token_residual:
             y_SDh = y_SDh + s_SDh
         y_TD = self.merge(y_SDh.reshape(T, c.d_model))  # token merge: heads concatenated in order
@@ -122,7 +120,7 @@ class MHMoE(nn.Module):
         if c.balancing == "aux_loss":
             loss = loss + c.aux_loss_coef * aux
         with torch.no_grad():
-            load_E = plan.routed_E.float()
+            load_E = routed_E.float()
             ratio_E = load_E / max(T, 1)
             out = MoEOutput(
                 loss=loss,
@@ -132,10 +130,29 @@ class MHMoE(nn.Module):
                 num_tokens=T,
                 expert_ratio=ratio_E,
                 activation_ratio=(ratio_E > c.activation_threshold).float().mean(),
-                dropped_fraction=plan.num_dropped.float() / max(S * K, 1),
+                dropped_fraction=torch.as_tensor(num_dropped, device=load_E.device).float() / max(S * K, 1),
                 divergence=sub_token_divergence(idx_SK, h),
             )
+        if self.dispatcher is not None:
+            out = self.dispatcher.reduce_stats(out)
         return y_TD, out
+
+    def dispatch(self, s_SDh: Tensor, idx_SK: Tensor, gates_SK: Tensor) -> Tuple[Tensor, Tensor, Union[int, Tensor]]:
+        """The seam between routing and the experts: sub-tokens ``s_SDh`` with their top-k experts
+        and gates -> gate-weighted expert mixture per sub-token (S x Dh), assignments routed to each
+        expert before drops (E), number of dropped assignments (an int or a 0-dim tensor). This
+        method runs all experts here; when ``self.dispatcher`` is set (``mmmoe.parallel``) its
+        ``dispatch`` runs instead."""
+        c = self.config
+        S, E, K = s_SDh.shape[0], c.num_experts, c.top_k
+        capacity = None if c.capacity_factor is None else expert_capacity(S, E, K, c.capacity_factor)
+        plan = permute(idx_SK, E, capacity)
+        # no Python list of counts here: the grouped kernel reads the device offsets, so a dropless
+        # forward makes no host-device sync (the fallback loop derives the list itself)
+        offs_E, _ = expert_offsets(plan.counts_E, with_counts=False)
+        gate_A = gates_SK.t().reshape(-1)[plan.order_A]
+        y_SDh = self.experts(s_SDh, plan.token_A, gate_A, offs_E)
+        return y_SDh, plan.routed_E, plan.num_dropped
 
     # ------------------------------------------------------------------ balancing
     @torch.no_grad()
