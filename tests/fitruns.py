@@ -68,3 +68,22 @@ def assert_bitwise_equal(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor])
     bad = [k for k in a if not torch.equal(a[k], b[k])]
     worst = max((float((a[k].float() - b[k].float()).abs().max()) for k in bad), default=0.0)
     assert not bad, f"{len(bad)} of {len(a)} tensors differ (max abs difference {worst:.3g}), e.g. {bad[:3]}"
+
+
+import os as _os
+import signal as _signal
+
+import pytorch_lightning as _pl
+
+
+class KillAtStepCallback(_pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            _os.kill(_os.getpid(), _signal.SIGKILL)
+
+
+def kill_callback(step: int) -> Dict[str, Any]:
+    return {"class_path": "tests.fitruns.KillAtStepCallback", "init_args": {"step": step}}
