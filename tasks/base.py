@@ -91,8 +91,10 @@ def load_state_file(path: PathLike) -> Dict[str, Any]:
                 "and plain containers), which could run code. Nothing in it was executed. Re-save it "
                 "as a plain state dict or as .safetensors."
             ) from None
-        first = text.splitlines()[0] if text else repr(exc)
-        if "central directory" in text or "zip archive" in text or isinstance(exc, EOFError):
+        first = (text.splitlines()[0] if text else repr(exc)).split(". ")[0]
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch writes zip archives: the end-of-archive record is missing
             size = path.stat().st_size
             raise ValueError(
                 f"checkpoint {str(path)!r} is truncated or not a checkpoint ({size} bytes; its zip directory is "
