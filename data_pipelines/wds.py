@@ -4,7 +4,8 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
 + a batch stage):
 
     shard list     EpochShardList (each shard once per epoch, order reshuffled per epoch, the same
-                   order on every rank) or wds.ResampledShards (infinite, sampled with replacement);
+                   order on every rank) or SeededResampledShards (infinite, sampled with
+                   replacement by a generator seeded by (seed, epoch, rank, worker));
                    urls are brace patterns, ``<prefix>.manifest.json`` paths, or lists of them
     split_by_node  shard i goes to rank i % world_size        (epoch mode only)
     split_by_worker  then to DataLoader worker j % num_workers (epoch mode only)
@@ -18,6 +19,12 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
                    webdataset's ``.decode()`` is not used anywhere.
     wds.batched    collate: normalise images into one float tensor (or stack them as uint8 with
                    ``normalize=False``; see ``normalize_images``), pad text, draw masks
+
+Reproducibility: nothing draws from the global RNGs. Crops, flips, caption choice (decode) and
+masks (collate) draw from generators that ``Pipeline`` seeds at the start of each pass from
+(seed, epoch, rank, worker, stage) (``StreamRandom``), so a batch depends only on the seed and its
+position in the stream: runs repeat bitwise, with any worker count, and ``EpochLoader.resume``
+can replay a pass up to the batch where an interrupted run stopped.
 
 Rank and world size come from torch.distributed when it is initialised, else from the RANK and
 WORLD_SIZE environment variables; worker id and count from the DataLoader's worker info. In epoch
@@ -809,10 +816,13 @@ class Pipeline(wds.DataPipeline):
         info = torch.utils.data.get_worker_info()
         if info is not None and not self.nested:
             _WORKER_ROTATION = skip % info.num_workers
+        epoch = self.epoch
+        self.set_epoch(epoch)
+        self.epoch = epoch + 1  # the next pass of a persistent worker's copy (EpochLoader sets it in the main process)
         rank, _ = node_info()
         worker, num_workers = worker_info()
         for i, stage in enumerate(self.random_stages):
-            stage.generator = torch.Generator().manual_seed(stream_seed("stage", self.seed, self.epoch, rank, worker, i))
+            stage.generator = torch.Generator().manual_seed(stream_seed("stage", self.seed, epoch, rank, worker, i))
         mine = -(-(skip - worker) // num_workers) if skip > worker else 0  # batches i < skip with i % n == worker
         batches = super().__iter__()
         return islice(batches, mine, None) if mine else batches
