@@ -21,6 +21,7 @@ end of every train and validation epoch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -32,6 +33,7 @@ from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RAT
 
 Urls = Union[str, Sequence[str]]
 TextUrls = Union[Urls, Mapping[str, Urls]]
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(tokenizer: Any) -> Any:
@@ -94,6 +96,9 @@ class ReaderDataModule(pl.LightningDataModule):
             epoch, skip = self.trainer.current_epoch, 0
             if self._resume_from is not None and self._resume_from["epoch"] == epoch:
                 skip = self._resume_from["batches"]
+                if skip:
+                    log.info("%s: resuming epoch %d after its first %d batches (replayed, not trained on)",
+                             name, epoch, skip)
             loader.resume(epoch, skip)
         return loader
 

@@ -78,9 +78,10 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
 
 
 class MMMoETrainer(pl.Trainer):
-    """``pytorch_lightning.Trainer`` with ``precision="auto"`` (see ``resolve_precision``) and
-    ``tasks.base.AtomicCheckpointIO`` as the default checkpoint plugin. Every other argument is
-    the Trainer's."""
+    """``pytorch_lightning.Trainer`` with ``precision="auto"`` (see ``resolve_precision``),
+    ``tasks.base.AtomicCheckpointIO`` as the default checkpoint plugin, ``RNGStateCallback`` and
+    ``NonFiniteGuard`` (tasks/robust.py) added unless given, and ``fit(ckpt_path="last")`` taking
+    the newest checkpoint that loads. Every other argument is the Trainer's."""
 
     def __init__(
         self,
