@@ -66,7 +66,20 @@ def load_answer_vocab(answer_vocab: Union[str, Mapping[str, int], Sequence[str]]
 
 
 class ReaderDataModule(pl.LightningDataModule):
-    """What the task data modules share: loaders, skip reports."""
+    """What the task data modules share: loaders, skip reports, seeds and the stream position.
+
+    Seeds: every reader is seeded by the run's seed (``seed_everything`` of the config, which
+    Lightning exports as ``PL_GLOBAL_SEED``; 0 without one) and its name, and within a reader by
+    epoch, rank and worker (``data_pipelines.wds``): the same config and seed give the same
+    batches in every run, with any number of workers.
+
+    Exact resume: the module counts the training batches the training loop has taken in the
+    current epoch (``on_before_batch_transfer``: batches the loader or its workers prefetched are
+    not counted) and saves ``{"epoch", "batches"}`` in checkpoints (``state_dict``). Restored from a
+    checkpoint, the next training loaders continue that epoch after that many batches, so no
+    sample is seen twice or skipped (``EpochLoader.resume``). Every training loader advances one
+    batch per step, as with a single loader or resampled pretraining readers (CombinedLoader
+    "min_size"); with "max_size_cycle" the cycled loaders resume approximately."""
 
     def __init__(self, num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = False):
         super().__init__()
@@ -75,12 +88,49 @@ class ReaderDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.pipelines: Dict[str, readers.Pipeline] = {}
         self._reported: Dict[str, int] = {}  # reader name -> len(skips.history) at the last skip_report
+        self._position = {"epoch": 0, "batches": 0}  # training batches taken in the current epoch
+        self._resume_from: Optional[Dict[str, int]] = None
+
+    def reader_seed(self, name: str) -> int:
+        """The seed of reader ``name``: the run's seed (``PL_GLOBAL_SEED``, else 0) and the name."""
+        return readers.stream_seed("reader", int(os.environ.get("PL_GLOBAL_SEED", 0)), name)
 
     def _loader(self, name: str) -> Optional[readers.EpochLoader]:
         pipe = self.pipelines.get(name)
         if pipe is None:
             return None
-        return readers.make_loader(pipe, self.num_workers, self.pin_memory, self.persistent_workers)
+        loader = readers.make_loader(pipe, self.num_workers, self.pin_memory, self.persistent_workers)
+        if name.startswith("train") and self.trainer is not None:
+            # the loader's pass numbers follow the trainer's epochs; after a restore, the first pass
+            # continues the saved epoch after the batches already taken
+            epoch, skip = self.trainer.current_epoch, 0
+            if self._resume_from is not None and self._resume_from["epoch"] == epoch:
+                skip = self._resume_from["batches"]
+                if skip:
+                    log.info("%s: resuming epoch %d after its first %d batches (replayed, not trained on)",
+                             name, epoch, skip)
+            loader.resume(epoch, skip)
+        return loader
+
+    # ------------------------------------------------------------------ stream position
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            if epoch != self._position["epoch"]:
+                self._position = {"epoch": epoch, "batches": 0}
+            self._position["batches"] += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"epoch", "batches"}``: the training batches taken in the current epoch."""
+        return {"train_position": dict(self._position)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        pos = state_dict.get("train_position")
+        if pos is not None:
+            self._position = {"epoch": int(pos["epoch"]), "batches": int(pos["batches"])}
+            self._resume_from = dict(self._position)
 
     def skip_report(self, prefix: Optional[str] = None) -> Dict[str, Dict[str, int]]:
         """{reader name: {kind: count}} for the readers whose name starts with ``prefix`` (all
@@ -185,23 +235,25 @@ class PretrainDataModule(ReaderDataModule):
             self.pipelines["train/image_text"] = mixed_pipeline(
                 readers.image_text_pipeline, h.image_text, where="image_text", tokenizer=tok, image_size=h.image_size,
                 train=True, max_len=h.max_len, patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio,
-                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, **common,
+                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, seed=self.reader_seed("train/image_text"),
+                **common,
             )
         if h.image is not None:
             self.pipelines["train/image"] = mixed_pipeline(
                 readers.image_pipeline, h.image, where="image", image_size=h.image_size, train=True,
-                patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio, normalize=h.normalize, **common,
+                patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio, normalize=h.normalize,
+                seed=self.reader_seed("train/image"), **common,
             )
         if h.text is not None:
             self.pipelines["train/text"] = readers.text_pipeline(
                 h.text, tok, train=True, max_len=h.text_max_len, mlm_ratio=h.text_mlm_ratio,
-                alpha=h.language_alpha, **common,
+                alpha=h.language_alpha, seed=self.reader_seed("train/text"), **common,
             )
         if h.val_image_text is not None:
             self.pipelines["val/image_text"] = readers.image_text_pipeline(
                 h.val_image_text, tok, image_size=h.image_size, train=False, batch_size=h.batch_size,
                 max_len=h.max_len, patch_size=h.patch_size, image_mask_ratio=h.image_mask_ratio,
-                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize,
+                mlm_ratio=h.image_text_mlm_ratio, normalize=h.normalize, seed=self.reader_seed("val/image_text"),
             )
 
     def train_dataloader(self) -> CombinedLoader:
@@ -319,7 +371,7 @@ class VQADataModule(_TaskDataModule):
         return readers.vqa_pipeline(
             urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train", **self._stream_args(split),
             batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,
-            normalize_answer=normalize_answer,
+            normalize_answer=normalize_answer, seed=self.reader_seed(split),
             normalize=h.normalize,
         )
 
@@ -350,7 +402,7 @@ class NLVR2DataModule(_TaskDataModule):
         h = self.hparams
         return readers.nlvr2_pipeline(
             urls, self.tokenizer, image_size=h.image_size, train=split == "train", **self._stream_args(split), batch_size=h.batch_size,
-            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
+            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize, seed=self.reader_seed(split),
         )
 
 
@@ -380,7 +432,7 @@ class CaptionDataModule(_TaskDataModule):
         h = self.hparams
         return readers.caption_pipeline(
             urls, self.tokenizer, image_size=h.image_size, train=split == "train", **self._stream_args(split), batch_size=h.batch_size,
-            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize,
+            max_len=h.max_len, shuffle_buffer=h.shuffle_buffer, normalize=h.normalize, seed=self.reader_seed(split),
         )
 
 
@@ -412,5 +464,5 @@ class TextDataModule(_TaskDataModule):
         h = self.hparams
         return readers.text_pipeline(
             urls, self.tokenizer, train=split == "train", **self._stream_args(split), batch_size=h.batch_size, max_len=h.max_len, mlm_ratio=h.mlm_ratio,
-            weights=h.weights, alpha=h.alpha, shuffle_buffer=h.shuffle_buffer,
+            weights=h.weights, alpha=h.alpha, shuffle_buffer=h.shuffle_buffer, seed=self.reader_seed(split),
         )

@@ -181,15 +181,16 @@ class ImageTransform:
         self.resample = INTERPOLATIONS[interpolation]
         self.normalizer = Normalizer(mean, std)
 
-    def crop_box(self, width: int, height: int) -> Tuple[float, float, float, float]:
-        """(left, top, right, bottom) in source pixels."""
+    def crop_box(self, width: int, height: int, generator: Optional[torch.Generator] = None) -> Tuple[float, float, float, float]:
+        """(left, top, right, bottom) in source pixels. Random draws come from ``generator`` (the
+        readers pass their stream's; None: torch's global generator)."""
         if not self.train:
             side = min(width, height) * self.crop_pct
             left, top = (width - side) / 2, (height - side) / 2
             return left, top, left + side, top + side
         area = width * height
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        u = torch.rand(10, 4).tolist()  # torch RNG: seeded per DataLoader worker
+        u = torch.rand(10, 4, generator=generator).tolist()  # always 40 draws: a fixed count per image
         for us, ur, ux, uy in u:
             target = area * (self.scale[0] + us * (self.scale[1] - self.scale[0]))
             aspect = math.exp(log_lo + ur * (log_hi - log_lo))
@@ -210,11 +211,11 @@ class ImageTransform:
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
 
-    def geometry(self, img: Image.Image) -> Image.Image:
+    def geometry(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> Image.Image:
         """Crop + resize in one ``Image.resize`` call (box argument), then the optional flip."""
-        box = self.crop_box(*img.size)
+        box = self.crop_box(*img.size, generator=generator)
         out = img.resize((self.size, self.size), self.resample, box=box)
-        if self.train and self.hflip and float(torch.rand(())) < 0.5:
+        if self.train and self.hflip and float(torch.rand((), generator=generator)) < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return out
 
@@ -222,10 +223,10 @@ class ImageTransform:
         """Geometry, then a uint8 tensor (3, size, size)."""
         return to_uint8_chw(self.geometry(img))
 
-    def to_array(self, img: Image.Image) -> np.ndarray:
+    def to_array(self, img: Image.Image, generator: Optional[torch.Generator] = None) -> np.ndarray:
         """Geometry, then a read-only uint8 array (size, size, 3): what the readers keep per
         sample (they normalise while batching)."""
-        return to_uint8_hwc(self.geometry(img))
+        return to_uint8_hwc(self.geometry(img, generator))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Geometry, to tensor, normalise: float32 (3, size, size)."""

@@ -4,7 +4,8 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
 + a batch stage):
 
     shard list     EpochShardList (each shard once per epoch, order reshuffled per epoch, the same
-                   order on every rank) or wds.ResampledShards (infinite, sampled with replacement);
+                   order on every rank) or SeededResampledShards (infinite, sampled with
+                   replacement by a generator seeded by (seed, epoch, rank, worker));
                    urls are brace patterns, ``<prefix>.manifest.json`` paths, or lists of them
     split_by_node  shard i goes to rank i % world_size        (epoch mode only; evaluation readers
                    with fewer shards than ranks split by sample: EvalNodeSplit)
@@ -19,6 +20,12 @@ Every reader is one explicit list of stages, read top to bottom (``_reader_stage
                    webdataset's ``.decode()`` is not used anywhere.
     wds.batched    collate: normalise images into one float tensor (or stack them as uint8 with
                    ``normalize=False``; see ``normalize_images``), pad text, draw masks
+
+Reproducibility: nothing draws from the global RNGs. Crops, flips, caption choice (decode) and
+masks (collate) draw from generators that ``Pipeline`` seeds at the start of each pass from
+(seed, epoch, rank, worker, stage) (``StreamRandom``), so a batch depends only on the seed and its
+position in the stream: runs repeat bitwise, with any worker count, and ``EpochLoader.resume``
+can replay a pass up to the batch where an interrupted run stopped.
 
 Rank and world size come from torch.distributed when it is initialised, else from the RANK and
 WORLD_SIZE environment variables; worker id and count from the DataLoader's worker info. In epoch
@@ -55,6 +62,7 @@ right. ``mlm_labels`` / labels hold -100 where no loss is taken.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -264,10 +272,49 @@ def node_info() -> Tuple[int, int]:
     return 0, 1
 
 
+#: Set in a DataLoader worker by ``Pipeline.__iter__`` when a pass resumes after ``k`` batches:
+#: worker ``j`` then plays the stream of worker ``(j + k) % num_workers``, so that the DataLoader's
+#: round robin (which always starts at worker 0) continues with the stream whose turn it was.
+_WORKER_ROTATION = 0
+
+
 def worker_info() -> Tuple[int, int]:
-    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    """(stream id, number of workers) of the current DataLoader worker; (0, 1) in the main process.
+
+    The stream id is the worker id, rotated when a pass resumed mid-way (see ``Pipeline``): what a
+    worker reads, shuffles and draws depends on it, never on the process."""
     info = torch.utils.data.get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    return (0, 1) if info is None else ((info.id + _WORKER_ROTATION) % info.num_workers, info.num_workers)
+
+
+def stream_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts, the same in every process and Python run (unlike
+    ``hash()`` of a string, which is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SeededResampledShards(torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, forever, from a generator seeded by (seed, epoch, rank,
+    worker). Replaces ``wds.ResampledShards``, which mixes the process id, the time and
+    ``os.urandom`` into its seed, so two runs with the same seed read different shards."""
+
+    def __init__(self, urls: Urls, seed: int = 0):
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise ValueError("no shards: the url list or pattern expanded to nothing")
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Dict[str, str]]:
+        rank, _ = node_info()
+        worker, _ = worker_info()
+        rng = random.Random(stream_seed("resample", self.seed, self.epoch, rank, worker))
+        while True:
+            yield dict(url=self.urls[rng.randrange(len(self.urls))])
 
 
 def split_by_node(src: Iterable[Any]) -> Iterator[Any]:
@@ -501,10 +548,11 @@ def _field(sample: Mapping[str, Any], meta: Mapping[str, Any], name: str, types:
     return value
 
 
-def _image(sample: Mapping[str, Any], suffix: str, transform: ImageTransform) -> np.ndarray:
+def _image(sample: Mapping[str, Any], suffix: str, transform: ImageTransform,
+           generator: Optional[torch.Generator] = None) -> np.ndarray:
     data = _member(sample, suffix)
     try:
-        return transform.to_array(decode_image(data, transform.size))
+        return transform.to_array(decode_image(data, transform.size), generator)
     except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise SampleError(
             "corrupt_image", f".{suffix}: {type(exn).__name__}: {exn}", key=sample.get("__key__"), url=sample.get("__url__")
@@ -521,22 +569,32 @@ def encode_text(tokenizer: Any, text: str, max_len: int) -> List[int]:
     return [tokenizer.bos_id, *tokenizer.encode(text)[: max_len - 2], tokenizer.eos_id]
 
 
-class DecodeImageText:
+class StreamRandom:
+    """Base of the stages that draw random numbers (crops, flips, masks, caption choice): they
+    draw from ``self.generator``, which ``Pipeline`` re-seeds at the start of every pass from
+    (seed, epoch, rank, worker, stage), so what they draw depends only on the stream position and
+    not on the process, the global RNG or how many other readers share it. ``None`` (a stage used
+    outside a Pipeline) draws from torch's global generator."""
+
+    generator: Optional[torch.Generator] = None
+
+
+class DecodeImageText(StreamRandom):
     def __init__(self, tokenizer: Any, transform: ImageTransform, max_len: int):
         self.tokenizer, self.transform, self.max_len = tokenizer, transform, max_len
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         text = _text(sample)
-        image = _image(sample, schema.IMAGE_KEY, self.transform)
+        image = _image(sample, schema.IMAGE_KEY, self.transform, self.generator)
         return {"key": sample["__key__"], "image": image, "text": encode_text(self.tokenizer, text, self.max_len)}
 
 
-class DecodeImage:
+class DecodeImage(StreamRandom):
     def __init__(self, transform: ImageTransform):
         self.transform = transform
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
-        return {"key": sample["__key__"], "image": _image(sample, schema.IMAGE_KEY, self.transform)}
+        return {"key": sample["__key__"], "image": _image(sample, schema.IMAGE_KEY, self.transform, self.generator)}
 
 
 class DecodeText:
@@ -549,7 +607,7 @@ class DecodeText:
         return {"key": sample["__key__"], "text": encode_text(self.tokenizer, text, self.max_len), "lang": str(lang)}
 
 
-class DecodeVQA:
+class DecodeVQA(StreamRandom):
     def __init__(
         self,
         tokenizer: Any,
@@ -573,7 +631,7 @@ class DecodeVQA:
                 raise SampleError("bad_value", "answers must be strings", key=sample["__key__"], url=sample["__url__"])
             out["answers"] = answers
             out["target"] = vqa_soft_scores(answers, self.answer_vocab, self.normalize_answer)
-        out["image"] = _image(sample, schema.IMAGE_KEY, self.transform)
+        out["image"] = _image(sample, schema.IMAGE_KEY, self.transform, self.generator)
         out["text"] = encode_text(self.tokenizer, question, self.max_len)
         return out
 
@@ -589,7 +647,7 @@ def vqa_soft_scores(
     return {answer_vocab[a]: min(1.0, n / 3.0) for a, n in counts.items() if a in answer_vocab}
 
 
-class DecodeNLVR2:
+class DecodeNLVR2(StreamRandom):
     def __init__(self, tokenizer: Any, transform: ImageTransform, max_len: int):
         self.tokenizer, self.transform, self.max_len = tokenizer, transform, max_len
 
@@ -605,13 +663,13 @@ class DecodeNLVR2:
             "key": sample["__key__"],
             "identifier": str(meta.get("identifier", sample["__key__"])),
             "label": -1 if label is None else int(label),
-            "image_left": _image(sample, schema.LEFT_IMAGE_KEY, self.transform),
-            "image_right": _image(sample, schema.RIGHT_IMAGE_KEY, self.transform),
+            "image_left": _image(sample, schema.LEFT_IMAGE_KEY, self.transform, self.generator),
+            "image_right": _image(sample, schema.RIGHT_IMAGE_KEY, self.transform, self.generator),
             "text": encode_text(self.tokenizer, sentence, self.max_len),
         }
 
 
-class DecodeCaption:
+class DecodeCaption(StreamRandom):
     def __init__(self, tokenizer: Any, transform: ImageTransform, max_len: int, train: bool):
         self.tokenizer, self.transform, self.max_len, self.train = tokenizer, transform, max_len, train
 
@@ -624,14 +682,14 @@ class DecodeCaption:
         if self.train and not captions:
             raise SampleError("missing_field", "no captions", key=sample["__key__"], url=sample["__url__"])
         if self.train:
-            caption = captions[int(torch.randint(len(captions), ()))]
+            caption = captions[int(torch.randint(len(captions), (), generator=self.generator))]
         else:
             caption = captions[0] if captions else ""
         return {
             "key": sample["__key__"],
             "image_id": image_id,
             "captions": captions,
-            "image": _image(sample, schema.IMAGE_KEY, self.transform),
+            "image": _image(sample, schema.IMAGE_KEY, self.transform, self.generator),
             "text": encode_text(self.tokenizer, caption, self.max_len),
         }
 
@@ -701,7 +759,7 @@ def pad_text(seqs: Sequence[Sequence[int]], pad_id: int, length: Optional[int] =
     return ids_BL, torch.arange(L).unsqueeze(0) >= lengths_B.unsqueeze(1)
 
 
-class Collate:
+class Collate(StreamRandom):
     """Collation for every reader kind; which fields appear depends on the samples' keys.
 
     image / image_left / image_right -> stacked normalised float images (uint8 when
@@ -745,13 +803,14 @@ class Collate:
                 batch[name] = stack_images([s[name] for s in samples], self.normalizer)
         if "image" in first and self.patch_grid is not None:
             batch["image_mask"] = block_masks(
-                len(samples), *self.patch_grid, mask_ratio=self.image_mask_ratio, min_block=self.min_block
+                len(samples), *self.patch_grid, mask_ratio=self.image_mask_ratio, min_block=self.min_block,
+                generator=self.generator,
             )
         if "text" in first:
             ids_BL, pad_BL = pad_text([s["text"] for s in samples], self.pad_id, self.pad_to)
             if self.mlm_ratio is not None:
                 ids_BL, batch["mlm_labels"] = mlm_mask(
-                    ids_BL, self.mlm_ratio, self.mask_id, self.vocab_size, self.special_ids
+                    ids_BL, self.mlm_ratio, self.mask_id, self.vocab_size, self.special_ids, generator=self.generator
                 )
             batch[f"{self.text_prefix}_ids"] = ids_BL
             batch[f"{self.text_prefix}_pad_mask"] = pad_BL
@@ -776,23 +835,66 @@ class Collate:
 
 
 class Pipeline(wds.DataPipeline):
-    """A wds.DataPipeline that carries its SkipCounter (``skips``) and forwards ``set_epoch``."""
+    """A wds.DataPipeline that carries its SkipCounter (``skips``), forwards ``set_epoch`` to its
+    stages, seeds its random stages, and can resume a pass mid-way.
 
-    def __init__(self, *stages: Any, skips: SkipCounter):
+    ``random_stages`` (``StreamRandom`` objects: decoders and the collate) get, at the start of
+    every pass, a torch generator seeded by (seed, epoch, rank, worker, stage index). With the
+    seeded shard list and shuffle buffer, every batch is then a function of (seed, epoch, rank,
+    worker) and its position in the pass, whatever the process or the global RNG state.
+
+    ``resume_batches = k`` (set by ``EpochLoader.resume``, consumed by the next pass) makes the
+    next pass start after the first ``k`` batches of the loader: in a DataLoader worker ``j`` of
+    ``n``, batch ``i`` of the pass came from stream ``i % n``, so stream ``j`` drops the
+    ``ceil((k - j) / n)`` batches it produced and the streams are rotated by ``k % n`` (see
+    ``worker_info``). Dropped batches are made in full and thrown away (the same decode, shuffle
+    and random draws as the first time), so the rest of the pass is bitwise what it would have
+    been without the interruption."""
+
+    def __init__(self, *stages: Any, skips: SkipCounter, seed: int = 0, random_stages: Sequence[StreamRandom] = (),
+                 nested: bool = False):
         super().__init__(*stages)
         self.skips = skips
+        self.seed = seed
+        self.epoch = 0
+        self.random_stages = list(random_stages)
+        self.resume_batches = 0
+        self.nested = nested  # a source inside another pipeline: leaves the worker rotation alone
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         for stage in self.pipeline:
             if hasattr(stage, "set_epoch"):
                 stage.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        global _WORKER_ROTATION
+        skip, self.resume_batches = self.resume_batches, 0  # once (also in a persistent worker's copy)
+        info = torch.utils.data.get_worker_info()
+        if info is not None and not self.nested:
+            _WORKER_ROTATION = skip % info.num_workers
+        epoch = self.epoch
+        self.set_epoch(epoch)
+        self.epoch = epoch + 1  # the next pass of a persistent worker's copy (EpochLoader sets it in the main process)
+        rank, _ = node_info()
+        worker, num_workers = worker_info()
+        for i, stage in enumerate(self.random_stages):
+            stage.generator = torch.Generator().manual_seed(stream_seed("stage", self.seed, epoch, rank, worker, i))
+        mine = -(-(skip - worker) // num_workers) if skip > worker else 0  # batches i < skip with i % n == worker
+        batches = super().__iter__()
+        return islice(batches, mine, None) if mine else batches
 
 
 class EpochLoader(torch.utils.data.DataLoader):
     """DataLoader for pipelines that batch themselves (batch_size=None). Before each pass it sets
     the pipeline's epoch (shard order changes per epoch even with non-persistent workers); after
     each complete pass it closes the epoch's skip count (``pipeline.skips.report()``: one log
-    line, kept in ``last_skips`` and in ``pipeline.skips.history``)."""
+    line, kept in ``last_skips`` and in ``pipeline.skips.history``).
+
+    ``resume(epoch, batches)`` makes the next pass epoch ``epoch`` starting after its first
+    ``batches`` batches (exact resume, see ``Pipeline``). The loader has its own torch generator,
+    so making an iterator never draws from the global RNG (which would shift the model's draws
+    between an interrupted and an uninterrupted run)."""
 
     def __init__(
         self,
@@ -809,15 +911,31 @@ class EpochLoader(torch.utils.data.DataLoader):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(stream_seed("loader", getattr(dataset, "seed", 0))),
         )
         self.epoch = 0
         self.last_skips: Optional[Dict[str, int]] = None
+        self._resume_batches = 0
+
+    def resume(self, epoch: int, batches: int = 0) -> None:
+        """The next pass is epoch ``epoch``, without its first ``batches`` batches."""
+        if epoch < 0 or batches < 0:
+            raise ValueError(f"resume(epoch={epoch}, batches={batches}): both must be >= 0")
+        self.epoch, self._resume_batches = int(epoch), int(batches)
 
     def __iter__(self):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
+        if hasattr(self.dataset, "resume_batches"):
+            self.dataset.resume_batches = self._resume_batches
+        self._resume_batches = 0
         self.epoch += 1
-        return self._pass(super().__iter__())
+        try:
+            it = super().__iter__()  # workers start (and take their copy of the dataset) here
+        finally:
+            if hasattr(self.dataset, "resume_batches"):
+                self.dataset.resume_batches = 0
+        return self._pass(it)
 
     def _pass(self, batches: Iterator[Any]) -> Iterator[Any]:
         yield from batches
@@ -850,7 +968,7 @@ def _reader_stages(
 ) -> List[Any]:
     """shard list -> split by node -> split by worker -> tar -> shuffle: raw byte samples."""
     if resampled:
-        stages: List[Any] = [wds.ResampledShards(expand_urls(urls), seed=seed)]
+        stages: List[Any] = [SeededResampledShards(urls, seed=seed)]
     else:
         split = split_by_node if train else EvalNodeSplit()
         stages = [EpochShardList(urls, seed=seed if train else None), split if train else split.shards, split_by_worker]
@@ -880,7 +998,7 @@ class SeededShuffle:
     def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
         rank, _ = node_info()
         worker, _ = worker_info()
-        rng = random.Random(f"shuffle/{self.seed}/{self.epoch}/{rank}/{worker}")
+        rng = random.Random(stream_seed("shuffle", self.seed, self.epoch, rank, worker))
         buf: List[Any] = []
         for sample in src:
             if len(buf) < self.initial or (len(buf) < self.bufsize and rng.random() < 0.5):
@@ -942,11 +1060,12 @@ def image_text_pipeline(
         mlm_ratio=mlm_ratio,
         normalize=normalize,
     )
+    decode = DecodeImageText(tokenizer, transform, max_len)
     return Pipeline(
         *_reader_stages(urls, skips, ("jpg", "txt", "json"), ("jpg", "txt"), train, resampled, shuffle_buffer, seed),
-        wds.map(DecodeImageText(tokenizer, transform, max_len), handler=skips),
+        wds.map(decode, handler=skips),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(decode, collate),
     )
 
 
@@ -975,11 +1094,12 @@ def image_pipeline(
         image_mask_ratio=image_mask_ratio or 0.0,
         normalize=normalize,
     )
+    decode = DecodeImage(transform)
     return Pipeline(
         *_reader_stages(urls, skips, ("jpg", "json"), ("jpg",), train, resampled, shuffle_buffer, seed),
-        wds.map(DecodeImage(transform), handler=skips),
+        wds.map(decode, handler=skips),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(decode, collate),
     )
 
 
@@ -1074,9 +1194,12 @@ def text_pipeline(
             n[lang] = (sizes or {}).get(lang) or manifest_total(urls) or len(expand_urls(urls))
         probs = language_probs(n, alpha)
     sources = {
-        lang: wds.DataPipeline(
-            *_reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer, seed),
+        # one seed per language: two languages' readers must not draw the same shard sequence
+        lang: Pipeline(
+            *_reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer,
+                            stream_seed("lang", seed, lang) if len(urls_by_lang) > 1 else seed),
             wds.map(DecodeText(tokenizer, max_len, lang), handler=skips),
+            skips=skips, nested=True,
         )
         for lang, urls in urls_by_lang.items()
     }
@@ -1084,7 +1207,7 @@ def text_pipeline(
     return Pipeline(
         WeightedMix(sources, probs, seed=seed),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(collate,),
     )
 
 
@@ -1117,7 +1240,7 @@ def vqa_pipeline(
         *_reader_stages(urls, skips, ("jpg", "json"), ("jpg", "json"), train, resampled, shuffle_buffer, seed),
         wds.map(decode, handler=skips),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(decode, collate),
     )
 
 
@@ -1141,11 +1264,12 @@ def nlvr2_pipeline(
     transform = _transform(image_size, train, hflip=False)
     collate = Collate(tokenizer, transform.normalizer, normalize=normalize)
     keep = (schema.LEFT_IMAGE_KEY, schema.RIGHT_IMAGE_KEY, schema.META_KEY)
+    decode = DecodeNLVR2(tokenizer, transform, max_len)
     return Pipeline(
         *_reader_stages(urls, skips, keep, keep, train, resampled, shuffle_buffer, seed),
-        wds.map(DecodeNLVR2(tokenizer, transform, max_len), handler=skips),
+        wds.map(decode, handler=skips),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(decode, collate),
     )
 
 
@@ -1169,11 +1293,12 @@ def caption_pipeline(
     skips = skips or SkipCounter("caption")
     transform = _transform(image_size, train, hflip)
     collate = Collate(tokenizer, transform.normalizer, text_prefix="caption", normalize=normalize)
+    decode = DecodeCaption(tokenizer, transform, max_len, train)
     return Pipeline(
         *_reader_stages(urls, skips, ("jpg", "json"), ("jpg", "json"), train, resampled, shuffle_buffer, seed),
-        wds.map(DecodeCaption(tokenizer, transform, max_len, train), handler=skips),
+        wds.map(decode, handler=skips),
         *_batch_stages(collate, batch_size, _epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(decode, collate),
     )
 
 

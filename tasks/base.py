@@ -34,12 +34,44 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that needs arbitrary unpickling (code could run): refused, nothing executed."""
 
 
+#: key of the checksum that ``AtomicCheckpointIO`` adds to every checkpoint it writes
+CHECKSUM_KEY = "mmmoe_checksum"
+
+
+def tensor_checksum(obj: Any) -> int:
+    """CRC32 over the names, dtypes, shapes and bytes of every tensor in a nested dict / list, in
+    order (what a checkpoint's size is made of: a damaged byte in a tensor changes it)."""
+    import zlib
+
+    crc = 0
+
+    def walk(x: Any, name: str) -> None:
+        nonlocal crc
+        if isinstance(x, Tensor) and x.layout == torch.strided:
+            t = x.detach().cpu().contiguous().reshape(-1)
+            crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(x.shape)}".encode(), crc)
+            if t.numel():
+                crc = zlib.crc32(t.view(torch.uint8).numpy().data, crc)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                if k != CHECKSUM_KEY:
+                    walk(v, f"{name}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}/{i}")
+
+    walk(obj, "")
+    return crc
+
+
 def load_state_file(path: PathLike) -> Dict[str, Any]:
     """Load a checkpoint without running any of its code.
 
     ``.safetensors`` files are read with safetensors; everything else with
     ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A file
-    that needs more (a pickled class, a lambda) raises :class:`UnsafeCheckpointError`."""
+    that needs more (a pickled class, a lambda) raises :class:`UnsafeCheckpointError`. A
+    truncated or damaged file raises ValueError naming the file and what is wrong; checkpoints
+    written by ``AtomicCheckpointIO`` carry a checksum of their tensors, verified here."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -60,9 +92,27 @@ def load_state_file(path: PathLike) -> Dict[str, Any]:
                 "and plain containers), which could run code. Nothing in it was executed. Re-save it "
                 "as a plain state dict or as .safetensors."
             ) from None
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {text.splitlines()[0] if text else exc!r}") from exc
+        first = (text.splitlines()[0] if text else repr(exc)).split(". ")[0]
+        import zipfile
+
+        if not zipfile.is_zipfile(path):  # torch writes zip archives: the end-of-archive record is missing
+            size = path.stat().st_size
+            raise ValueError(
+                f"checkpoint {str(path)!r} is truncated or not a checkpoint ({size} bytes; its zip directory is "
+                f"missing or damaged: {first}). A write that was interrupted leaves the previous file in place "
+                "(AtomicCheckpointIO), so this file was cut or damaged afterwards; use an earlier checkpoint."
+            ) from None
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt or unreadable: {type(exc).__name__}: {first}") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a dict of tensors")
+    stored = obj.pop(CHECKSUM_KEY, None)
+    if isinstance(stored, dict) and "crc32" in stored:
+        actual = tensor_checksum(obj)
+        if actual != int(stored["crc32"]):
+            raise ValueError(
+                f"checkpoint {str(path)!r} is corrupt: the CRC32 of its tensors is {actual:08x}, the one written with "
+                f"it {int(stored['crc32']):08x} (bytes were changed after the write); use an earlier checkpoint."
+            )
     return obj
 
 
@@ -97,16 +147,30 @@ def load_matching(module: nn.Module, state: Dict[str, Tensor], prefixes: Iterabl
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder and renames it into place, so
-    an interrupted save never leaves a truncated checkpoint (and never clobbers the previous one)."""
+    """Writes each checkpoint to a temporary file in the same folder, flushes it to disk and
+    renames it into place, so an interrupted or failed save (killed process, full disk) never
+    leaves a truncated checkpoint and never clobbers the previous one. Each checkpoint carries a
+    CRC32 of its tensors (``CHECKSUM_KEY``), which ``load_state_file`` verifies."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        checkpoint = {**checkpoint, CHECKSUM_KEY: {"crc32": tensor_checksum(checkpoint)}}
         try:
-            torch.save(checkpoint, str(tmp))
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            try:  # make the rename itself durable
+                fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -362,6 +426,8 @@ class MMMoEModule(pl.LightningModule):
     def update_balancing(self) -> None:
         """Apply and clear the loads gathered since the last optimiser step (see ``optimizer_step``)."""
         loads, self._step_loads = self._step_loads, {}
+        if getattr(self, "_skip_step", False):  # tasks.robust.NonFiniteGuard dropped this step (on every rank)
+            return
         layers = [(k, m) for k, m in self.backbone.moe_layers().items() if m.config.balancing == "aux_free"]
         if not layers:
             return

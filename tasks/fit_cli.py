@@ -19,6 +19,11 @@ base config says. What this CLI adds to the stock LightningCLI:
   training, so ``--ckpt_path last`` resumes from the final step.
 * Checkpoints are written atomically and loaded weights-only: ``tasks.base.AtomicCheckpointIO``
   is added as the checkpoint plugin unless the config names another CheckpointIO plugin.
+* ``--ckpt_path last`` resumes from the newest checkpoint that loads (``last*.ckpt`` first; a
+  truncated or corrupt one is skipped with a warning), see ``tasks.robust``.
+* ``tasks.robust.RNGStateCallback`` (random states in checkpoints, for exact resume) and
+  ``tasks.robust.NonFiniteGuard`` (NaN / Inf steps skipped and counted, the run stopped after
+  10 in a row) are added to every run unless the config lists them.
 * ``builtin_data`` (default ``data/synth``): configured model/data paths under that folder which
   do not exist yet are generated before anything is built (the built-in dataset of
   ``mmmoe data synth``, its tokenizer ``tokenizer.model``, and the held-out image-text set
@@ -45,6 +50,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from tasks.base import AtomicCheckpointIO, MMMoEModule
+from tasks.robust import NonFiniteGuard, RNGStateCallback, newest_loadable_checkpoint
 
 BUILTIN_ROOT = "data/synth"
 #: what ``mmmoe data synth --out DIR`` uses when run without options
@@ -72,9 +78,10 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
 
 
 class MMMoETrainer(pl.Trainer):
-    """``pytorch_lightning.Trainer`` with ``precision="auto"`` (see ``resolve_precision``) and
-    ``tasks.base.AtomicCheckpointIO`` as the default checkpoint plugin. Every other argument is
-    the Trainer's."""
+    """``pytorch_lightning.Trainer`` with ``precision="auto"`` (see ``resolve_precision``),
+    ``tasks.base.AtomicCheckpointIO`` as the default checkpoint plugin, ``RNGStateCallback`` and
+    ``NonFiniteGuard`` (tasks/robust.py) added unless given, and ``fit(ckpt_path="last")`` taking
+    the newest checkpoint that loads. Every other argument is the Trainer's."""
 
     def __init__(
         self,
@@ -91,12 +98,34 @@ class MMMoETrainer(pl.Trainer):
         With ``enable_progress_bar=False`` progress-bar callbacks in ``callbacks`` are dropped.
         """
         resolved = resolve_precision(precision, kwargs.get("accelerator", "auto"))
-        callbacks = kwargs.get("callbacks")
-        if kwargs.get("enable_progress_bar") is False and callbacks:
+        callbacks = kwargs.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if kwargs.get("enable_progress_bar") is False:
             # so that --trainer.enable_progress_bar false works with a config that lists a progress bar
-            callbacks = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
-            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        kwargs["callbacks"] = with_robust_callbacks(callbacks)
         super().__init__(*args, precision=resolved, plugins=with_atomic_checkpoints(plugins), **kwargs)
+
+    def fit(self, *args: Any, ckpt_path: Optional[str] = None, **kwargs: Any) -> None:
+        """``Trainer.fit``; ``ckpt_path="last"`` is the newest checkpoint in the checkpoint folders
+        that loads and can resume (``tasks.robust.newest_loadable_checkpoint``); without one,
+        training starts from scratch, as Lightning does."""
+        if ckpt_path == "last":
+            folders = [getattr(c, "dirpath", None) for c in self.checkpoint_callbacks]
+            folders.append(os.path.join(self.default_root_dir, "checkpoints"))
+            found = newest_loadable_checkpoint(folders)
+            if found is not None:
+                ckpt_path = str(found)
+        return super().fit(*args, ckpt_path=ckpt_path, **kwargs)
+
+
+def with_robust_callbacks(callbacks: List[Any]) -> List[Any]:
+    """``callbacks`` plus a ``RNGStateCallback`` and a ``NonFiniteGuard`` where missing."""
+    out = list(callbacks)
+    for cls in (RNGStateCallback, NonFiniteGuard):
+        if not any(isinstance(c, cls) for c in out):
+            out.append(cls())
+    return out
 
 
 def with_atomic_checkpoints(plugins: Any) -> List[Any]:
