@@ -6,7 +6,10 @@ right-padded, ``text_pad_mask`` True at padding, ``lang`` per sample) and score 
 
 * ``CausalLMModule`` (data with ``mlm_ratio=None``): ``attn_mode="prefix_causal"`` on text-only
   input is a plain causal mask; every position predicts the next token (EOS included, padding
-  excluded). Perplexity = exp(total NLL / predicted tokens) over the split.
+  excluded). Perplexity = exp(total NLL / predicted tokens) over the split. With packed data
+  (``TextDataModule(context=N)``, ``data_pipelines/packing.py``) the val / test batches are
+  strided windows carrying ``lm_targets`` (the target of each position, -100 where an earlier
+  window already scored it), so every held-out token is scored exactly once.
 * ``MaskedLMModule`` (data with ``mlm_ratio`` set, e.g. 0.15): bidirectional attention; the loss
   and the perplexity are over the masked positions (``mlm_labels`` != -100), overall and per
   language. The masks of the evaluated split are drawn with a fixed seed, so figures repeat.

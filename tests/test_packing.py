@@ -229,3 +229,12 @@ def test_context_longer_than_the_model_positions_fails_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"context=32.*max_text_len=16"):
         trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 0
+
+
+def test_packing_with_dataloader_workers_keeps_every_document_once(tmp_path):
+    docs = _docs(50, seed=7)
+    f = _write(tmp_path / "en.txt", docs)
+    seqs = _unpadded(_batches(_dm(str(f), num_workers=2)))
+    tokens = sum(seqs, [])
+    assert sorted(tokens) == sorted(_stream(docs)) and tokens.count(TOK.eos_id) == len(docs)
+    assert sum(len(s) < 16 for s in seqs) <= 2  # at most one partial sequence per worker
