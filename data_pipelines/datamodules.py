@@ -437,8 +437,19 @@ class CaptionDataModule(_TaskDataModule):
 
 
 class TextDataModule(_TaskDataModule):
-    """Text-only LM data, one shard set per language (or one set): masked LM with ``mlm_ratio``,
-    causal LM with ``mlm_ratio=None``. Languages are sampled by ``weights`` or p ~ n ** alpha."""
+    """Text-only LM data, one source per language (or one): masked LM with ``mlm_ratio``, causal LM
+    with ``mlm_ratio=None``. Languages are sampled by ``weights`` or p ~ n ** alpha.
+
+    Sources are shard sets (``mmmoe data shards text``) or, with ``context`` set, also plain text
+    files / folders / JSON lines (``data_pipelines.packing``).
+
+    ``context=None``: one sample per line, ``[bos] + tokens + [eos]`` cut at ``max_len``.
+    ``context=N`` (packing): documents (``doc_unit``: line, paragraph or file; the ``text_field``
+    of JSON lines) are joined with EOS and cut into sequences of N tokens (the last one padded);
+    the causal-LM val / test splits are strided windows (``stride``, default N) that score every
+    held-out token once. ``val_fraction`` (> 0, plain-text train sources, no ``val`` given): the
+    last fraction of each language's documents is held out as the val and test split and never
+    trained on. ``seed`` seeds the shuffle and language mix (with epoch, rank and worker)."""
 
     def __init__(
         self,
@@ -451,18 +462,64 @@ class TextDataModule(_TaskDataModule):
         alpha: float = 0.5,
         batch_size: int = 32,
         max_len: int = 256,
+        context: Optional[int] = None,
+        stride: Optional[int] = None,
+        doc_unit: str = "line",
+        text_field: str = "text",
+        val_fraction: float = 0.0,
+        seed: int = 0,
         shuffle_buffer: int = 1000,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = False,
     ):
         super().__init__(train, val, test, num_workers, pin_memory, persistent_workers)
+        if context is not None and not 2 <= int(context):
+            raise ValueError(f"context must be >= 2 tokens, got {context}")
+        if stride is not None and (context is None or not 1 <= stride <= context):
+            raise ValueError(f"stride must be in [1, context] and needs context set, got stride={stride}, context={context}")
+        if val_fraction and (context is None or val is not None or train is None):
+            raise ValueError("val_fraction needs context (packing), plain-text train sources and no val split")
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer = tokenizer
+        self.doc_ranges: Dict[str, Dict[str, Any]] = {}
+
+    @property
+    def max_text_positions(self) -> int:
+        """The longest text a batch holds (``context`` when packing, else ``max_len``): the model's
+        ``max_text_len`` must be at least this."""
+        return int(self.hparams.context if self.hparams.context is not None else self.hparams.max_len)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        h = self.hparams
+        if h.val_fraction and self.splits["val"] is None:
+            from .packing import heldout_split, is_text_source
+
+            train = h.train if isinstance(h.train, Mapping) else {"und": h.train}
+            for lang, urls in train.items():
+                if not is_text_source(urls):
+                    raise ValueError(f"val_fraction needs plain text files, but train[{lang!r}] = {urls!r} are shards")
+                first, total = heldout_split(urls, h.val_fraction, h.doc_unit, h.text_field)
+                self.doc_ranges[lang] = {"train": (0, first), "val": (first, total), "test": (first, total)}
+            self.splits["val"] = self.splits["test"] = h.train
+        super().setup(stage)
 
     def _build(self, urls: TextUrls, split: str) -> readers.Pipeline:
         h = self.hparams
-        return readers.text_pipeline(
-            urls, self.tokenizer, train=split == "train", **self._stream_args(split), batch_size=h.batch_size, max_len=h.max_len, mlm_ratio=h.mlm_ratio,
-            weights=h.weights, alpha=h.alpha, shuffle_buffer=h.shuffle_buffer, seed=self.reader_seed(split),
+        seed = readers.stream_seed("text", h.seed, self.reader_seed(split))
+        if h.context is None:
+            return readers.text_pipeline(
+                urls, self.tokenizer, train=split == "train", **self._stream_args(split), batch_size=h.batch_size,
+                max_len=h.max_len, mlm_ratio=h.mlm_ratio, weights=h.weights, alpha=h.alpha,
+                shuffle_buffer=h.shuffle_buffer, seed=seed,
+            )
+        from .packing import packed_text_pipeline
+
+        by_lang = dict(urls) if isinstance(urls, Mapping) else {"und": urls}
+        ranges = {lang: r[split] for lang, r in self.doc_ranges.items()}
+        return packed_text_pipeline(
+            by_lang, self.tokenizer, int(h.context), train=split == "train", **self._stream_args(split),
+            batch_size=h.batch_size, mlm_ratio=h.mlm_ratio, stride=h.stride, weights=h.weights, alpha=h.alpha,
+            shuffle_buffer=h.shuffle_buffer, seed=seed, doc_unit=h.doc_unit, text_field=h.text_field,
+            doc_ranges=ranges or None,
         )

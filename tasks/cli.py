@@ -112,6 +112,24 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    from tasks.compare_cli import add_arguments, run
+
+    p = sub.add_parser(
+        "compare",
+        help="Train dense / SMoE / fine-grained / MH-MoE at matched FLOPs on your text; compare perplexity.",
+        description="Train FFN variants at matched active FLOPs (default: dense smoe fine-grained mhmoe-h2 "
+        "mhmoe-h3) for N seeds on any text (files, folders, JSON lines), with identical data order per seed, "
+        "through the same Lightning modules as 'mmmoe fit'. Writes OUT/compare.json (per run: held-out "
+        "perplexity, expert activation per layer, sub-token divergence, tokens/s, parameters, MACs/token), "
+        "OUT/compare.md (mean ± std table, also printed) and OUT/curves.png. Held-out text: --heldout, else "
+        "the last --heldout-fraction of the documents. Example: mmmoe compare lm --text corpus/ --preset tiny "
+        "--steps 300 --seeds 3 --out runs/compare",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
 def add_fit_parser(sub: argparse._SubParsersAction) -> None:
     """``mmmoe fit|validate|test``: everything after the subcommand goes to LightningCLI
     (tasks/fit_cli.py), which is imported only when one of them runs."""
@@ -137,7 +155,7 @@ def add_fit_parser(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS = [
     add_parity_parser, add_data_parser, add_tokenizer_parser, add_score_parser, add_evaluate_parser,
-    add_predict_parser, add_export_parser, add_fit_parser,
+    add_predict_parser, add_export_parser, add_compare_parser, add_fit_parser,
 ]
 
 

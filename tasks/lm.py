@@ -6,7 +6,10 @@ right-padded, ``text_pad_mask`` True at padding, ``lang`` per sample) and score 
 
 * ``CausalLMModule`` (data with ``mlm_ratio=None``): ``attn_mode="prefix_causal"`` on text-only
   input is a plain causal mask; every position predicts the next token (EOS included, padding
-  excluded). Perplexity = exp(total NLL / predicted tokens) over the split.
+  excluded). Perplexity = exp(total NLL / predicted tokens) over the split. With packed data
+  (``TextDataModule(context=N)``, ``data_pipelines/packing.py``) the val / test batches are
+  strided windows carrying ``lm_targets`` (the target of each position, -100 where an earlier
+  window already scored it), so every held-out token is scored exactly once.
 * ``MaskedLMModule`` (data with ``mlm_ratio`` set, e.g. 0.15): bidirectional attention; the loss
   and the perplexity are over the masked positions (``mlm_labels`` != -100), overall and per
   language. The masks of the evaluated split are drawn with a fixed seed, so figures repeat.
@@ -173,6 +176,22 @@ def split_loader(datamodule: Any, split: str) -> Iterable[Dict[str, Any]]:
     return loader
 
 
+def check_text_positions(datamodule: Any, max_text_len: int) -> None:
+    """Raise a ValueError naming both values when the data module's sequences (its
+    ``max_text_positions``: the packing ``context``, else ``max_len``) are longer than the model's
+    ``max_text_len``."""
+    n = getattr(datamodule, "max_text_positions", None)
+    if n is None or int(n) <= int(max_text_len):
+        return
+    h = getattr(datamodule, "hparams", {})
+    what = f"context={h['context']}" if h.get("context") is not None else f"max_len={h.get('max_len', n)}"
+    raise ValueError(
+        f"the data's sequences ({what}: {n} tokens) are longer than the model's text positions "
+        f"(max_text_len={max_text_len}): set model.init_args.model_args.max_text_len to at least {n}, "
+        f"or data.init_args.{what.split('=')[0]} to at most {max_text_len}"
+    )
+
+
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -217,6 +236,12 @@ class _TextLMModule(MMMoEModule):
         if nll.numel():
             self.log("train/perplexity", nll.mean().exp(), batch_size=B)
         return loss + aux
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Checks, before any step runs, that the data's sequences fit the model's positions."""
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer, "datamodule", None) is not None:
+            check_text_positions(trainer.datamodule, self.config.max_text_len)
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
@@ -268,21 +293,32 @@ class _TextLMModule(MMMoEModule):
         return self._targets_of(batch)
 
     @torch.no_grad()
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: str, seed: int = 0) -> Dict[str, float]:
-        """Perplexity of the ``split`` data (and the unigram baseline): writes
-        ``<out_dir>/lm_metrics.json`` and returns the flat metrics dict (see the module doc)."""
+    def evaluate_split(
+        self, datamodule: Any, split: str, out_dir: str, seed: int = 0, baseline: bool = True
+    ) -> Dict[str, float]:
+        """Perplexity of the ``split`` data (and, with ``baseline``, the unigram baseline): writes
+        ``<out_dir>/lm_metrics.json`` and returns the flat metrics dict (see the module doc).
+        MoE models also get ``expert_activation`` and ``sub_token_divergence`` (means over the
+        MoE layers of the split); ``self.activation_stats`` then holds the per-expert ratios."""
+        check_text_positions(datamodule, self.config.max_text_len)
         loader = split_loader(datamodule, split)
         was_training = self.training
         self.eval()
         meter, base = PerplexityMeter(), PerplexityMeter()
+        self.activation_stats.reset()
+        div_sum, div_n = 0.0, 0
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the masks of the evaluated text are the same every run
-                unigram = self._unigram(datamodule)
+                unigram = self._unigram(datamodule) if baseline else None
                 torch.manual_seed(seed)
                 for batch in loader:
                     batch = self.on_after_batch_transfer(to_device(batch, self.device), 0)
-                    _, nll, rows, labels, _ = self._step(batch)
+                    _, nll, rows, labels, out = self._step(batch)
+                    if out.moe:
+                        self.activation_stats.update(out.moe)
+                        div_sum += float(torch.stack([o.divergence.float() for o in out.moe.values()]).mean())
+                        div_n += 1
                     groups = self._groups(batch, rows)
                     meter.update(nll, groups)
                     if unigram is not None:
@@ -291,6 +327,10 @@ class _TextLMModule(MMMoEModule):
         finally:
             self.train(was_training)
         metrics = self._metrics(meter, base if unigram is not None else None)
+        if div_n:
+            act = self.activation_stats.activated()
+            metrics["expert_activation"] = float(sum(act.values()) / len(act))
+            metrics["sub_token_divergence"] = div_sum / div_n
         write_json(Path(out_dir) / "lm_metrics.json", {"task": self.TASK, "split": split, **metrics})
         return metrics
 
@@ -352,9 +392,13 @@ class CausalLMModule(_TextLMModule):
             raise ValueError("CausalLMModule got masked-LM batches: use TextDataModule(mlm_ratio=None)")
         ids, pad = batch["text_ids"], batch.get("text_pad_mask")
         out = self.backbone(text_ids=ids, text_pad_mask=pad, attn_mode="prefix_causal")
+        if "lm_targets" in batch:  # strided evaluation windows: every position, its own target or -100
+            return out, out.text_hidden, batch["lm_targets"]
         return out, out.text_hidden[:, :-1], next_token_labels(ids, pad)
 
     def _targets_of(self, batch: Dict[str, Any]) -> Tensor:
+        if "lm_targets" in batch:
+            return batch["lm_targets"]
         return next_token_labels(batch["text_ids"], batch.get("text_pad_mask"))
 
     @torch.no_grad()

@@ -205,6 +205,7 @@ def test_configs_name_real_classes_and_arguments(name):
         inspect.signature(klass.__init__).bind(None, **cfg[section]["init_args"])  # unknown keys raise
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert model["tokenizer"] == data["tokenizer"]
-    assert data["max_len"] <= 40  # the tiny preset's max_text_len
+    positions = model.get("model_args", {}).get("max_text_len", 40)  # 40: the tiny preset's
+    assert data.get("context", data.get("max_len")) <= positions
     inspect.signature(pl.Trainer.__init__).bind(None, **{k: v for k, v in cfg["trainer"].items()
                                                         if k not in ("logger", "callbacks")})
