@@ -73,8 +73,9 @@ def head_spec(head: nn.Module, backbone: MultiwayTransformer) -> Dict[str, Any]:
                                              "num_answers": head.classifier[-1].out_features,
                                              "eps": head.pooler.norm.eps}}
     if isinstance(head, NLVR2Head):
-        return {"class": "NLVR2Head", "args": {"dim": head.image_pooler.dense.in_features,
-                                               "eps": head.image_pooler.norm.eps}}
+        first_norm = head.classifier[0]  # LayerNorm(4 * dim) in both styles
+        return {"class": "NLVR2Head", "args": {"dim": first_norm.normalized_shape[0] // 4, "eps": first_norm.eps,
+                                               "style": head.style, "init_scale": head.init_scale}}
     if isinstance(head, RetrievalHead):
         return {"class": "RetrievalHead", "args": {"dim": head.image_proj.in_features, "embed_dim": head.embed_dim,
                                                    "pooling": head.pooling}}
