@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tasks.fit_cli import replace_in_config as swap  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,14 +37,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def swap(obj, old, new):
-    if isinstance(obj, str):
-        return obj.replace(old, new)
-    if isinstance(obj, dict):
-        return {k: swap(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [swap(v, old, new) for v in obj]
-    return obj
 
 
 def write_config(out: Path, data: Path, name: str, steps: int) -> Path:

@@ -62,6 +62,18 @@ VAL_IMAGE_TEXT = "pretrain-image-text-val"
 PLACEHOLDER = "/path/to/"
 
 
+def replace_in_config(obj: Any, old: str, new: str) -> Any:
+    """A copy of a loaded YAML config (nested dicts / lists) with ``old`` replaced by ``new`` in
+    every string: moves a config's paths (e.g. ``data/synth`` -> a temporary folder)."""
+    if isinstance(obj, str):
+        return obj.replace(old, new)
+    if isinstance(obj, dict):
+        return {k: replace_in_config(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [replace_in_config(v, old, new) for v in obj]
+    return obj
+
+
 # ------------------------------------------------------------------------------ precision
 def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
     """``"auto"`` -> ``"bf16-mixed"`` on a CUDA GPU with bfloat16 (``"16-mixed"`` without),

@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
+from tasks.fit_cli import replace_in_config as _swap
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "configs" / "pretrain" / "tiny.yaml"
 VQA = REPO / "configs" / "finetune" / "vqa.yaml"
@@ -16,14 +18,6 @@ DATA_SETS = ("pretrain-image-text", "pretrain-image", "pretrain-text-en", "pretr
              "vqa-train2014", "vqa-val2014")
 
 
-def _swap(obj: Any, old: str, new: str) -> Any:
-    if isinstance(obj, str):
-        return obj.replace(old, new)
-    if isinstance(obj, dict):
-        return {k: _swap(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_swap(v, old, new) for v in obj]
-    return obj
 
 
 def make_config(kind: str, out: Path, data: Path, max_steps: int, workers: int = 0, every: int = 4,

@@ -22,7 +22,7 @@ import yaml
 
 from mmmoe.models import create_model
 from tests.ddp_worker import VARIANTS, train
-from tests.test_pretrain import _swap  # replaces a path prefix in a loaded config
+from tasks.fit_cli import replace_in_config as _swap
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2

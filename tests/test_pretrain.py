@@ -18,6 +18,7 @@ from data_pipelines.masking import block_masks
 from mmmoe.models import mim_targets
 from tasks.fit_cli import MMMoECLI, missing_builtin_paths, prepare_builtin_data
 from tasks.pretrain import PretrainModule, split_kinds
+from tasks.fit_cli import replace_in_config as _swap
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
@@ -157,14 +158,6 @@ def test_prepare_names_paths_it_cannot_make(synth):
         prepare_builtin_data({"x": str(synth / "shards" / "pretrain-imagetext.manifest.json")}, synth, log=lambda s: None)
 
 
-def _swap(obj, old, new):
-    if isinstance(obj, str):
-        return obj.replace(old, new)
-    if isinstance(obj, dict):
-        return {k: _swap(v, old, new) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_swap(v, old, new) for v in obj]
-    return obj
 
 
 def tiny_config(tmp: Path, root: Path, max_steps: int) -> Path:
