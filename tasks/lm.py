@@ -238,7 +238,9 @@ class _TextLMModule(MMMoEModule):
         return loss + aux
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Checks, before any step runs, that the data's sequences fit the model's positions."""
+        """Checks, before any step runs, that the data's sequences fit the model's positions; freezes
+        what text-only input never reaches (``MMMoEModule.setup``)."""
+        super().setup(stage)
         trainer = self._trainer
         if trainer is not None and getattr(trainer, "datamodule", None) is not None:
             check_text_positions(trainer.datamodule, self.config.max_text_len)
