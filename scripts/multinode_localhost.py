@@ -2,7 +2,7 @@
 ``torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr ... --master-port ...`` once
 per node, each running ``mmmoe fit`` (``python -m tasks.cli fit``) with
 ``configs/trainer/multi-node.yaml`` (accelerator, devices and num_nodes overridden for CPU), as
-docs/scaling.md and the fragment describe. Lightning reads the rank layout from torchrun's
+the README's scaling section and the fragment describe. Lightning reads the rank layout from torchrun's
 environment; nothing here launches ranks itself. A few steps of the tiny pretraining on small
 built-in data, then checks that exactly one checkpoint (last.ckpt) was written, that it loads
 weights-only, and that both nodes logged the same number of steps.

@@ -1,6 +1,6 @@
 """Scaling note for expert parallelism: all-to-all bytes per MoE layer per step, the measured CPU
 grouped-matmul speed, and a projected step time at 8 and 64 GPUs (a model, with every assumption
-printed). Writes nothing; docs/scaling.md quotes its output.
+printed). Writes nothing; the README's scaling section quotes its output.
 
     PYTHONPATH=$PWD python scripts/scaling_model.py                 # tables + CPU measurement
     PYTHONPATH=$PWD python scripts/scaling_model.py --no-measure    # tables only
