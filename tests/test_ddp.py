@@ -11,7 +11,6 @@
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from mmmoe.parallel import free_port
 from mmmoe.models import create_model
 from tests.ddp_worker import VARIANTS, train
 from tasks.fit_cli import replace_in_config as _swap
@@ -28,10 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra) -> dict:

@@ -6,19 +6,15 @@ different ways; gradient reduction with replicas (4 ranks, EP degree 2); layout-
 checkpoints and optimiser state)."""
 
 import queue as queue_mod
-import socket
 import time
 
 import pytest
 import torch.multiprocessing as mp
 
+from mmmoe.parallel import free_port as _free_port
 from tests import parallel_workers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])

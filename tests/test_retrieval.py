@@ -5,12 +5,12 @@ process's over the whole batch, and fine-tuning on the built-in data beating ran
 
 import itertools
 import json
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmmoe.parallel import free_port as _free_port
 from tasks.contrastive import contrastive_loss, random_recall, recall_at_k
 from tests.gloo_contrastive_worker import problem, rank_grads
 
@@ -88,10 +88,6 @@ def test_contrastive_loss_matches_clip_formula_and_handles_shared_images():
     assert local.item() == pytest.approx(loss2.item(), rel=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_gathered_loss_gradient_over_two_gloo_ranks(tmp_path):

@@ -15,7 +15,7 @@ See :mod:`mmmoe.parallel.expert_parallel` for the dispatch, the capacity semanti
 gradient-reduction rules.
 """
 
-from mmmoe.parallel.comm import all_to_all
+from mmmoe.parallel.comm import all_to_all, free_port
 from mmmoe.parallel.expert_parallel import (
     ExpertParallelDispatcher,
     clip_grad_norm_,
@@ -36,6 +36,7 @@ __all__ = [
     "ExpertParallelDispatcher",
     "ExpertParallelLayout",
     "all_to_all",
+    "free_port",
     "clip_grad_norm_",
     "drain",
     "expert_parameter_names",

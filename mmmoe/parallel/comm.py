@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import List
 
 import torch
@@ -40,3 +41,10 @@ def all_to_all(x: Tensor, out_splits: List[int], in_splits: List[int], group) ->
     if sum(in_splits) != x.shape[0]:
         raise ValueError(f"all_to_all: in_splits sum to {sum(in_splits)}, x has {x.shape[0]} rows")
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a process group's rendezvous (tests, localhost runs)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -43,7 +43,7 @@ untested).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -447,37 +447,26 @@ def _expert_state_indices(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return [index[id(p)] for p in _expert_params(model) if id(p) in index]
 
 
+def _map_expert_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: Dict[str, Any],
+                      fn: Callable[[Tensor, str], Tensor]) -> Dict[str, Any]:
+    """``sd`` with ``fn(tensor, name)`` applied to the per-expert (3-D) state of expert weights."""
+    state = dict(sd["state"])
+    for i in _expert_state_indices(model, optimizer):
+        if i in state:
+            state[i] = {k: fn(v, f"optimizer state {i}.{k}") if isinstance(v, Tensor) and v.ndim == 3 else v
+                        for k, v in state[i].items()}
+    return {**sd, "state": state}
+
+
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """``optimizer.state_dict()`` with the per-expert state of sharded weights (AdamW moments)
     gathered to full E rows; a collective like :func:`full_state_dict`."""
     sd = optimizer.state_dict()
     layout = _layout_of(model)
-    if layout is None:
-        return sd
-    state = dict(sd["state"])
-    for i in _expert_state_indices(model, optimizer):
-        if i not in state:
-            continue
-        entry = dict(state[i])
-        for k, v in entry.items():
-            if isinstance(v, Tensor) and v.ndim == 3:
-                entry[k] = _gather_rows(v, layout)
-        state[i] = entry
-    return {**sd, "state": state}
+    return sd if layout is None else _map_expert_state(model, optimizer, sd, lambda v, _: _gather_rows(v, layout))
 
 
 def shard_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: Dict[str, Any]) -> Dict[str, Any]:
     """The inverse of :func:`full_optimizer_state`, ready for ``optimizer.load_state_dict``."""
     layout = _layout_of(model)
-    if layout is None:
-        return sd
-    state = dict(sd["state"])
-    for i in _expert_state_indices(model, optimizer):
-        if i not in state:
-            continue
-        entry = dict(state[i])
-        for k, v in entry.items():
-            if isinstance(v, Tensor) and v.ndim == 3:
-                entry[k] = _shard_rows(v, layout, f"optimizer state {i}.{k}")
-        state[i] = entry
-    return {**sd, "state": state}
+    return sd if layout is None else _map_expert_state(model, optimizer, sd, lambda v, name: _shard_rows(v, layout, name))
