@@ -8,12 +8,13 @@ Hyperparameters are plain types only (strings, numbers, dicts), so checkpoints l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -242,6 +243,18 @@ def _layer_order(key: str) -> Tuple[int, str]:
     return (int(layer) if layer.isdigit() else 0, way)
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then back in the mode it had (predictions outside a
+    Trainer loop: ``predict_one``, decoding)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 # ------------------------------------------------------------------------------ the base module
 class MMMoEModule(pl.LightningModule):
     """Base LightningModule: builds ``self.backbone`` and owns optimisation and MoE logging.
@@ -266,6 +279,16 @@ class MMMoEModule(pl.LightningModule):
     backbone_inputs: Tuple[str, ...] = INPUT_KINDS
     #: Whether image inputs carry a patch mask (masked image modelling uses the mask token).
     masked_images: bool = False
+    #: Short task name (``mmmoe evaluate <TASK>``); None for modules without an official evaluation.
+    TASK: Optional[str] = None
+    #: Field of an evaluation record that names its sample: records are de-duplicated and sorted by
+    #: it (one process and N processes then write the same file). None: records are aggregates.
+    RECORD_KEY: Optional[str] = None
+    #: Set by ``tasks.evaluation.OfficialEvaluation`` for a test run: the split, the result folder
+    #: and the task's evaluation options.
+    evaluated_split: str = "test"
+    results_dir: Optional[str] = None
+    eval_options: Dict[str, Any] = {}
 
     def __init__(
         self,
@@ -462,5 +485,39 @@ class MMMoEModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.activation_stats.reset()
 
+    # ------------------------------------------------------------------ official evaluation
+    # (the Trainer's test loop; the protocol is described in tasks/evaluation.py)
+    def check_eval_inputs(self, split: str) -> None:
+        """Raise a clear error before the first batch when the ground truth of ``split`` is unusable."""
+
+    def eval_records(self, batch: Any) -> List[Dict[str, Any]]:
+        """JSON-able records of one test batch (official result entries, or partial sums)."""
+        raise NotImplementedError(f"{type(self).__name__} has no official evaluation")
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Rank 0, once per evaluation: write the official file(s) of all ``records`` with ``out``
+        (``tasks.evaluation.ResultFiles``) and return the flat metrics (with the task's baseline)."""
+        raise NotImplementedError(f"{type(self).__name__} has no official evaluation")
+
+    def _has_official_evaluation(self) -> bool:
+        return type(self).eval_records is not MMMoEModule.eval_records
+
     def on_test_epoch_start(self) -> None:
         self.activation_stats.reset()
+        self._eval_records: List[Dict[str, Any]] = []
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_records.extend(self.eval_records(batch))
+
+    def on_test_epoch_end(self) -> None:
+        if self._has_official_evaluation():
+            from tasks.evaluation import finish_evaluation
+
+            finish_evaluation(self)
+
+    def evaluate_split(self, datamodule: Any, split: str, out_dir: PathLike, **options: Any) -> Dict[str, float]:
+        """Evaluate on ``datamodule``'s ``split`` (``val`` or ``test``) in this process: the Trainer's
+        test loop (``tasks.evaluation.run_test``); official files and metrics.json in ``out_dir``."""
+        from tasks.evaluation import run_test
+
+        return run_test(self, datamodule, split, out_dir, **options)

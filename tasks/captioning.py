@@ -10,7 +10,8 @@ Decoding (``mmmoe.generation``): beam search with the key/value cache, by defaul
 (beam 3, length penalty 0.6 as ``score / length ** 0.6``, at most 32 tokens); ``beam_size=1`` is
 greedy search.
 
-Evaluation protocol (``evaluate_split``): decode every image of the split once, write
+Evaluation (the test loop, see ``tasks/evaluation.py``; ``mmmoe evaluate caption``,
+``evaluate_split``): decode every image of the split once, write
 ``caption_results.json`` = ``[{"image_id": int, "caption": str}]`` (the official COCO results
 format), score it with ``tasks.metrics.caption`` (pycocoevalcap: PTB tokenizer, BLEU-1..4, METEOR,
 ROUGE-L, CIDEr-D; raw values, CIDEr 1.336 = "133.6" in papers). The references are the Karpathy
@@ -45,8 +46,9 @@ from torch import Tensor
 
 from mmmoe.generation import GenerationOutput, PENALTY_STYLES, generate, strip_special
 from mmmoe.models import TokenHead
-from tasks.base import MMMoEModule
-from tasks.lm import next_token_labels, split_loader, to_device, token_losses, write_json
+from tasks.base import MMMoEModule, eval_mode
+from tasks.evaluation import split_loader, unique_sorted
+from tasks.lm import next_token_labels, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +220,7 @@ class CaptionModule(MMMoEModule):
     """
 
     TASK = "caption"
+    RECORD_KEY = "image_id"
 
     backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
 
@@ -317,21 +320,15 @@ class CaptionModule(MMMoEModule):
             self._collect(batch, self._val_results, self._val_refs)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_results:
+        if not self._cider_epoch():  # the same on every rank (a rank without images still gathers)
             return
         results, refs = self._val_results, self._val_refs
-        import torch.distributed as dist
+        if self.trainer.world_size > 1:  # every rank's captions (JSON, no pickling); one per image
+            from tasks.evaluation import gather_json
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: List[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (results, refs))
-            results, refs, seen = [], {}, set()
-            for res, rf in parts:
-                for r in res:
-                    if r["image_id"] not in seen:
-                        seen.add(r["image_id"])
-                        results.append(r)
-                refs.update(rf)
+            parts = gather_json([results, {str(k): v for k, v in refs.items()}], self)
+            results = unique_sorted([r for res, _ in parts for r in res], "image_id")
+            refs = {int(k): v for _, rf in parts for k, v in rf.items()}
         if self.global_rank == 0:
             if self.hparams.eval_coco:
                 from tasks.metrics.caption import load_references
@@ -372,12 +369,8 @@ class CaptionModule(MMMoEModule):
 
     def caption_images(self, image: Tensor, **decoding: Any) -> List[str]:
         """Captions (text) of a batch of normalised images; ``decoding`` overrides beam_size etc."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.decode_text(self.generate(image.to(self.device), **decoding).tokens)
-        finally:
-            self.train(was_training)
 
     def _collect(self, batch: Dict[str, Any], results: List[Dict[str, Any]], refs: Dict[int, List[str]],
                  **decoding: Any) -> None:
@@ -392,7 +385,7 @@ class CaptionModule(MMMoEModule):
         captions = self.caption_images(batch["image"])
         return [{"image_id": int(i), "caption": c} for i, c in zip(batch["image_id"].tolist(), captions)]
 
-    # ------------------------------------------------------------------ evaluation protocol
+    # ------------------------------------------------------------------ evaluation (tasks/evaluation.py)
     def _karpathy_split(self, split: str) -> str:
         return self.hparams.eval_split if split == "test" else split
 
@@ -402,9 +395,8 @@ class CaptionModule(MMMoEModule):
             refs = karpathy_references(self.hparams.eval_coco)
             if refs:
                 return refs
-        try:
-            loader = split_loader(datamodule, "train")
-        except ValueError:
+        loader = split_loader(datamodule, "train") if datamodule is not None else None
+        if loader is None:
             return None
         refs = {}
         for batch in loader:
@@ -413,37 +405,33 @@ class CaptionModule(MMMoEModule):
                     refs[int(iid)] = list(caps)
         return refs or None
 
-    @torch.no_grad()
-    def caption_split(self, datamodule: Any, split: str, **decoding: Any) -> Tuple[List[Dict[str, Any]], Dict[int, List[str]]]:
-        """Caption every image of the ``split`` loader once: ``([{"image_id", "caption"}], {image_id:
-        reference captions carried by the shards})``."""
-        loader = split_loader(datamodule, split)
-        self._use_tokenizer_of(datamodule)
-        results: List[Dict[str, Any]] = []
-        refs: Dict[int, List[str]] = {}
-        for batch in loader:
-            batch = self.on_after_batch_transfer(to_device(batch, self.device), 0)  # uint8 images -> float
-            self._collect(batch, results, refs, **decoding)
-        return results, refs
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._use_tokenizer_of(self.trainer.datamodule)
 
     @torch.no_grad()
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: str, **decoding: Any) -> Dict[str, float]:
-        """Caption every image of the data module's ``split`` loader, write
-        ``<out_dir>/caption_results.json`` and return the official metrics plus the baseline
-        (see the module docstring). ``decoding`` overrides beam_size / max_len / length_penalty."""
-        results, refs = self.caption_split(datamodule, split, **decoding)
-        if not results:
-            raise ValueError(f"the {split!r} split gave no images to caption (empty shards?)")
-        out = Path(out_dir)
-        write_json(out / RESULTS_FILE, results)
-        kp_split = self._karpathy_split(split)
+    def eval_records(self, batch: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """``{"image_id", "caption", "references"}`` per image of the batch (decoding options of the
+        evaluation: ``eval_options`` beam_size / max_len / length_penalty)."""
+        captions = self.caption_images(batch["image"], **self.eval_options)
+        refs = batch.get("captions") or [[]] * len(captions)
+        return [{"image_id": int(iid), "caption": cap, "references": list(r)}
+                for iid, cap, r in zip(batch["image_id"].tolist(), captions, refs)]
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Write ``caption_results.json`` (official COCO results format) and return the official
+        metrics plus the constant-caption baselines (see the module docstring)."""
+        results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
+        refs = {r["image_id"]: r["references"] for r in records}
+        out.json(RESULTS_FILE, results)
         if not self.hparams.eval_coco and not any(refs.values()):
-            log.warning("no reference captions (no eval_coco, none in the shards): wrote %s, no scores", out / RESULTS_FILE)
+            log.warning("no reference captions (no eval_coco, none in the shards): wrote %s, no scores",
+                        out.path(RESULTS_FILE))
             return {"caption_num_images": float(len(results))}
-        metrics, baselines = score_results(results, refs, self.hparams.eval_coco, kp_split,
-                                           self._train_references(datamodule))
+        metrics, baselines = score_results(results, refs, self.hparams.eval_coco, self._karpathy_split(split),
+                                           self._train_references(self.trainer.datamodule))
         if baselines:
-            write_json(out / "caption_baselines.json", baselines)
+            out.json("caption_baselines.json", baselines)
         return metrics
 
     def predict_one(self, image_path: str, **decoding: Any) -> Dict[str, str]:

@@ -70,14 +70,15 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="Evaluate a fine-tuned checkpoint on a split: official result files + metrics.json.",
-        description="Rebuild the task module from CKPT (weights-only), build the data module from "
-        "the config's data: section, write the official result file(s) of the split into --out, "
-        "score them when the ground truth is known, and print the metrics (with the trivial "
-        "baseline of the task). Ground-truth files come from the config's model.init_args "
-        "(eval_questions / eval_annotations, eval_data, eval_coco ...) or the flags below.",
+        description="LightningCLI 'test' on the run's saved config (config.yaml next to CKPT, written by "
+        "'mmmoe fit', so the fit's command-line overrides need not be repeated): the Trainer's test loop "
+        "writes the official result file(s) of the split into --out (one file, also on several "
+        "processes), scores them when the ground truth is known (the module's eval_* / test_* init "
+        "args) and prints the metrics with the task's trivial baseline. Example: mmmoe evaluate vqa "
+        "--ckpt runs/finetune-vqa/checkpoints/last.ckpt [--trainer.devices 2 --trainer.strategy ddp]",
     )
     add_evaluate_arguments(p)
-    p.set_defaults(handler=run_evaluate)
+    p.set_defaults(handler=run_evaluate, takes_extra_args=True)
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
@@ -175,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(ns, "takes_extra_args", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.extra_args = extra
     handler: Optional[Handler] = getattr(ns, "handler", None)
     if handler is None:
         parser.print_help()

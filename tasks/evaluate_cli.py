@@ -232,65 +232,6 @@ def _section(cfg: Mapping[str, Any], name: str, where: str) -> Tuple[Optional[st
     return sec.get("class_path"), dict(init)
 
 
-def build_datamodule(cfg: Mapping[str, Any], overrides: Optional[Mapping[str, Any]] = None, where: str = "config",
-                     module_overrides: Optional[Mapping[str, Any]] = None) -> Any:
-    """Instantiate the config's ``data:`` section (``class_path`` + ``init_args``), with ``overrides``
-    of init args (e.g. ``num_workers``; unknown names are errors) and ``module_overrides`` (what the
-    task module's optional ``eval_data_overrides()`` asks for; applied where the class takes them)."""
-    class_path, init = _section(cfg, "data", where)
-    if class_path is None:
-        raise ValueError(f"{where}: no 'data:' section with a class_path (the data module to evaluate on)")
-    cls = _import_class(class_path)
-    params = inspect.signature(cls.__init__).parameters
-    init.update({k: v for k, v in (module_overrides or {}).items() if k in params})
-    init.update(overrides or {})
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(init) - set(params))
-        if unknown:
-            raise ValueError(f"{where}: {class_path} has no argument(s) {unknown}")
-    return cls(**init)
-
-
-def split_loader(datamodule: Any, split: str) -> Any:
-    """The ``split`` ("val" or "test") loader of ``datamodule``, calling ``setup()`` first when needed."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid: allowed {', '.join(SPLITS)}")
-    if not getattr(datamodule, "_mmmoe_setup_done", False):
-        datamodule.setup("validate" if split == "val" else "test")
-        try:
-            datamodule._mmmoe_setup_done = True
-        except AttributeError:
-            pass
-    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
-    if loader is None or (isinstance(loader, (list, tuple)) and len(loader) == 0):
-        raise ValueError(f"the data module has no {split} split: set data.init_args.{split} (its shards) in the config")
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    return loader
-
-
-def move_to(batch: Any, device: Any) -> Any:
-    """Tensors of a (nested) batch moved to ``device``; everything else as is."""
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [move_to(v, device) for v in batch]
-    return batch
-
-
-def prepare_batch(module: Any, batch: Any) -> Any:
-    """A loader's batch as the module's ``*_step`` sees it under a Trainer: moved to the module's
-    device, then its ``on_after_batch_transfer`` hook (uint8 images of ``normalize=False`` data
-    modules become normalised float32 there)."""
-    batch = move_to(batch, module.device)
-    hook = getattr(module, "on_after_batch_transfer", None)
-    return hook(batch, 0) if callable(hook) else batch
-
-
 def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> Path:
     """Write JSON atomically (temporary file + rename), creating the folder. Result files (long
     lists) are written with ``indent=None``: one line, like the official ones."""
@@ -368,88 +309,91 @@ def _device(name: Optional[str]) -> str:
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=sorted(TASKS), help="task of the checkpoint")
-    p.add_argument("--config", required=True, metavar="YAML",
-                   help="the fine-tuning config (its data: section builds the data module)")
     p.add_argument("--ckpt", required=True, metavar="CKPT",
-                   help="fine-tuned checkpoint (read weights-only) or model folder of 'mmmoe export'")
-    p.add_argument("--split", choices=SPLITS, default="val", help="split to evaluate (default: %(default)s)")
+                   help="checkpoint of 'mmmoe fit' (read weights-only; the run's config.yaml is found next to it) "
+                        "or model folder of 'mmmoe export' (then --config is needed)")
+    p.add_argument("--split", choices=SPLITS, default="val",
+                   help="val: the data module's val loader and the module's eval_* ground truth; test: its test "
+                        "loader and test_* (default: %(default)s)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="output folder for result files and metrics.json (default: <ckpt folder>/eval-<task>-<split>)")
-    gt = p.add_argument_group("ground truth (override the config / checkpoint)")
-    gt.add_argument("--questions", metavar="JSON", help="vqa: the split's official questions file")
-    gt.add_argument("--annotations", metavar="JSON", help="vqa: the split's official annotations file")
-    gt.add_argument("--eval-data", metavar="JSONL", help="nlvr2: the split's labelled JSON-lines file")
-    gt.add_argument("--set", dest="sets", action="append", default=[], type=_key_value, metavar="NAME=VALUE",
-                    help="set a module hyperparameter read at evaluation (e.g. eval_coco=PATH); repeatable")
-    run = p.add_argument_group("running")
-    run.add_argument("--data", dest="data_sets", action="append", default=[], type=_key_value, metavar="NAME=VALUE",
-                     help="override a data module init arg (e.g. num_workers=0, batch_size=64); repeatable")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+                   help="folder of the official result files and metrics.json (default: <ckpt folder>/eval-<task>-<split>)")
+    p.add_argument("--config", dest="configs", action="append", default=[], metavar="YAML",
+                   help="config file(s) merged after the run's saved config (required when there is none); repeatable")
+    p.epilog = ("Any other option is a LightningCLI override of the run's config, e.g. --trainer.devices 2 "
+                "--trainer.strategy ddp (evaluation on several processes: one official file), "
+                "--model.init_args.eval_questions Q.json, --data.init_args.num_workers 0.")
 
 
-def _gt_overrides(ns: argparse.Namespace, prefix: str) -> Dict[str, Any]:
-    flags = {"questions": ("vqa", "questions"), "annotations": ("vqa", "annotations"), "eval_data": ("nlvr2", "data")}
-    out: Dict[str, Any] = {}
-    for flag, (task, suffix) in flags.items():
-        value = getattr(ns, flag, None)
-        if value is None:
-            continue
-        if ns.task != task:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to the {task} task, not {ns.task} "
-                             "(use --set NAME=VALUE)")
-        out[f"{prefix}_{suffix}"] = value
-    return out
+def evaluate(task: str, ckpt: PathLike, split: str = "val", out_dir: Optional[PathLike] = None,
+             configs: Sequence[PathLike] = (), overrides: Sequence[str] = ()) -> Dict[str, float]:
+    """What ``mmmoe evaluate`` does, callable from Python: LightningCLI ``test`` on the run's saved
+    config (``config.yaml`` next to the checkpoint, written by ``mmmoe fit``) plus ``configs`` and
+    ``overrides``, with ``tasks.evaluation.OfficialEvaluation(split, out_dir)``. Returns the
+    metrics (also in ``out_dir/metrics.json``)."""
+    from tasks.evaluation import RESULT_NAME, OfficialEvaluation
+    from tasks.export import find_run_config, is_model_folder
+    from tasks.fit_cli import run_cli
 
-
-def set_eval_inputs(module: Any, values: Mapping[str, Any]) -> None:
-    """Set hyperparameters that ``evaluate_split`` reads (and a same-named plain attribute, if any)."""
-    for name, value in values.items():
-        if name not in module.hparams:
-            known = sorted(k for k in module.hparams if k.startswith(("eval_", "test_")))
-            raise ValueError(f"{type(module).__name__} has no hyperparameter {name!r}"
-                             + (f" (eval inputs: {', '.join(known)})" if known else ""))
-        module.hparams[name] = value
-        if name in vars(module):  # a module that copied the init arg into a plain attribute
-            setattr(module, name, value)
-
-
-def evaluate(task: str, config: PathLike, ckpt: PathLike, split: str = "val", out_dir: Optional[PathLike] = None,
-             eval_inputs: Optional[Mapping[str, Any]] = None, data_overrides: Optional[Mapping[str, Any]] = None,
-             device: Optional[str] = None) -> Dict[str, float]:
-    """What ``mmmoe evaluate`` does, callable from Python. Returns the metrics (also in metrics.json)."""
-    cfg = read_config(config)
     cls = resolve_task(task)
-    model_path, model_init = _section(cfg, "model", str(config))
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
+    folder = is_model_folder(ckpt)
+    for c in configs:
+        if not Path(c).is_file():
+            raise FileNotFoundError(f"config {str(c)!r} does not exist")
+    saved = None if folder else find_run_config(ckpt)
+    files = ([saved] if saved is not None else []) + [Path(c) for c in configs]
+    if not files:
+        raise ValueError(f"no config.yaml of the run next to {str(ckpt)!r} ('mmmoe fit' writes one into the checkpoint "
+                         "folder): give the run's config with --config")
+    model_path = None
+    for f in files:
+        model_path = _section(read_config(f), "model", str(f))[0] or model_path
     if model_path is not None and model_path.split(".")[-1].split(":")[-1] != cls.__name__:
-        raise ValueError(f"{config}: model.class_path is {model_path}, but task {task!r} is {_class_path(cls)}")
-    module = load_task_module(cls, ckpt, map_location=_device(device))
-    inputs = {k: v for k, v in model_init.items() if k.startswith(("eval_", "test_")) and k in module.hparams}
-    inputs.update(eval_inputs or {})
-    set_eval_inputs(module, inputs)
-    hook = getattr(module, "eval_data_overrides", None)
-    dm = build_datamodule(cfg, data_overrides, where=str(config), module_overrides=hook() if callable(hook) else None)
-    out = Path(out_dir) if out_dir is not None else Path(ckpt).resolve().parent / f"eval-{task}-{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = module.evaluate_split(dm, split, str(out))
-    metrics = {k: float(v) for k, v in metrics.items()}
-    write_json(out / RESULT_NAME, metrics)
-    return metrics
+        raise ValueError(f"{files[-1]}: model.class_path is {model_path}, but task {task!r} is {_class_path(cls)}")
+    if overrides and not str(overrides[0]).startswith("--"):
+        raise ValueError(f"unexpected argument {overrides[0]!r}: overrides look like --trainer.devices 2")
+    out = Path(out_dir) if out_dir is not None else (ckpt.resolve() if folder else ckpt.resolve().parent) / f"eval-{task}-{split}"
+    args = ["test", "--verbose", "false"]  # the metrics are printed as JSON instead of Lightning's table
+    for f in files:
+        args += ["--config", str(f)]
+    if folder:  # the exported weights initialise the module built from the config
+        from mmmoe.models.pretrained import WEIGHTS_NAME
+
+        args += ["--model.init_args.init_from", str(ckpt / WEIGHTS_NAME)]
+    else:
+        args += ["--model.init_args.init_from", "null", "--ckpt_path", str(ckpt)]
+    args += [str(o) for o in overrides]
+    result = out / RESULT_NAME
+    if result.exists():
+        result.unlink()  # never report the figures of an earlier evaluation
+    run_cli(args, evaluation=OfficialEvaluation(split, str(out)))
+    return {k: float(v) for k, v in json.loads(result.read_text(encoding="utf-8")).items()}
 
 
 def run_evaluate(ns: argparse.Namespace) -> int:
     from tasks.base import UnsafeCheckpointError
+    from tasks.fit_cli import MissingDataError
+
+    import contextlib
 
     try:
-        prefix = "eval" if ns.split == "val" else "test"
-        inputs = _gt_overrides(ns, prefix)
-        inputs.update(dict(ns.sets))
-        out = ns.out
-        metrics = evaluate(ns.task, ns.config, ns.ckpt, ns.split, out, inputs, dict(ns.data_sets), ns.device)
-    except UnsafeCheckpointError as exc:
+        # progress bars and logs to stderr: stdout carries the metrics JSON only
+        with contextlib.redirect_stdout(sys.stderr):
+            metrics = evaluate(ns.task, ns.ckpt, ns.split, ns.out, ns.configs, getattr(ns, "extra_args", []))
+    except SystemExit as exc:  # LightningCLI rejected the config or an override (its message is on stderr)
+        return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    except (UnsafeCheckpointError, MissingDataError, FileNotFoundError, ValueError, KeyError, TaskUnavailableError) as exc:
         print(f"mmmoe evaluate: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, KeyError, TaskUnavailableError) as exc:
-        print(f"mmmoe evaluate: error: {exc}", file=sys.stderr)
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        # a checkpoint of another model than the config builds (Lightning's strict load)
+        first = str(exc).strip().splitlines()[0]
+        print(f"mmmoe evaluate: error: {ns.ckpt} does not match the model of the config: {first} "
+              "(is it a checkpoint of this run?)", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=1))
     return 0

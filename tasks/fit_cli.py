@@ -45,7 +45,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.cli import SaveConfigCallback
 from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -107,7 +108,9 @@ class MMMoETrainer(pl.Trainer):
             precision: ``auto`` (bf16-mixed on CUDA GPUs, 32-true otherwise) or any Trainer precision.
             plugins: Trainer plugins; an AtomicCheckpointIO is added unless one CheckpointIO is given.
 
-        With ``enable_progress_bar=False`` progress-bar callbacks in ``callbacks`` are dropped.
+        With ``enable_progress_bar=False`` progress-bar callbacks in ``callbacks`` are dropped;
+        otherwise the progress bar is a ``StepProgressBar`` (Lightning's ``TQDMProgressBar`` is
+        replaced by it).
         """
         resolved = resolve_precision(precision, kwargs.get("accelerator", "auto"))
         callbacks = kwargs.get("callbacks") or []
@@ -115,6 +118,11 @@ class MMMoETrainer(pl.Trainer):
         if kwargs.get("enable_progress_bar") is False:
             # so that --trainer.enable_progress_bar false works with a config that lists a progress bar
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        else:  # Lightning's default bar counts batches per epoch; ours counts steps when max_steps bounds the run
+            callbacks = [StepProgressBar(c.refresh_rate, c.process_position, c._leave) if type(c) is TQDMProgressBar
+                         else c for c in callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(StepProgressBar())
         kwargs["callbacks"] = with_robust_callbacks(callbacks)
         super().__init__(*args, precision=resolved, plugins=with_atomic_checkpoints(plugins), **kwargs)
 
@@ -172,6 +180,61 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
     def _save_last_now(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, except for runs bounded by ``max_steps``: one training bar for
+    the whole run, optimiser steps done / ``max_steps`` (the epoch in its description), instead of
+    a per-epoch bar whose total (an estimate for streaming data) changes every epoch. A resumed
+    run starts the bar at its restored step. Runs bounded by epochs keep Lightning's bar."""
+
+    def _by_steps(self, trainer: pl.Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self._by_steps(trainer):
+            return super().on_train_epoch_start(trainer, *args)
+        bar = self._train_progress_bar
+        if bar is None:
+            bar = self.train_progress_bar = self.init_train_tqdm()
+        if bar.total != trainer.max_steps:  # the first epoch of this run (or of a resumed one)
+            bar.reset(total=trainer.max_steps)
+            bar.initial = 0
+            bar.n = trainer.global_step
+        bar.set_description(f"Epoch {trainer.current_epoch}")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._by_steps(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self.is_enabled and (n % self.refresh_rate == 0 or n >= trainer.max_steps) and bar.n != n:
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._by_steps(trainer):
+            return super().on_train_epoch_end(trainer, pl_module)
+        if not self.train_progress_bar.disable:
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """LightningCLI's config saving (``config.yaml`` in the logger's folder), plus, when fitting, a
+    copy in every checkpoint folder: ``mmmoe evaluate <task> --ckpt DIR/last.ckpt`` finds the
+    configuration of the run next to its checkpoints (overrides given on the command line included)."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for cb in trainer.checkpoint_callbacks:
+            folder = getattr(cb, "dirpath", None)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False,
+                                 overwrite=True, multifile=False)
 
 
 # ------------------------------------------------------------------------------ built-in data
@@ -316,8 +379,16 @@ def prepare_builtin_data(
 class MMMoECLI(LightningCLI):
     """LightningCLI in subclass mode with ``MMMoETrainer`` and the ``builtin_data`` option."""
 
-    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any):
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, evaluation: Optional[Any] = None,
+                 **kwargs: Any):
+        """``evaluation``: the ``tasks.evaluation.OfficialEvaluation`` of a ``test`` run (``mmmoe
+        evaluate`` passes one; without it ``test`` evaluates the test split into
+        ``<ckpt folder>/eval-<task>-test``). A test run saves no config: it trains nothing."""
+        self.evaluation = evaluation
+        if args is not None and list(args[:1]) == ["test"]:
+            kwargs.setdefault("save_config_callback", None)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
         super().__init__(
             model_class=MMMoEModule,
             datamodule_class=pl.LightningDataModule,
@@ -329,6 +400,12 @@ class MMMoECLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges the hyperparameters stored in ``ckpt_path`` over the parsed config (with
+        an unguarded ``torch.load``). Here the config alone builds the module, so command-line
+        overrides keep their meaning (the run's saved config already holds the fit's values), and
+        the checkpoint is read once, weights-only, by the Trainer (``AtomicCheckpointIO``)."""
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # the stock method warns whenever sys.argv is also set, which the mmmoe entry point always does
@@ -357,13 +434,34 @@ class MMMoECLI(LightningCLI):
         if root:
             prepare_builtin_data(values, root)
 
+    def before_test(self) -> None:
+        """A test run is an official evaluation (``tasks.evaluation``): the ``OfficialEvaluation``
+        given to the CLI, else one of the test split into ``<ckpt folder>/eval-<task>-test``."""
+        from tasks.evaluation import OfficialEvaluation
+
+        if any(isinstance(c, OfficialEvaluation) for c in self.trainer.callbacks):
+            return
+        evaluation = self.evaluation
+        if evaluation is None:
+            ckpt = self.config["test"].get("ckpt_path")
+            task = getattr(self.model, "TASK", None) or type(self.model).__name__.lower()
+            out = os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval-{task}-test") if ckpt else None
+            evaluation = OfficialEvaluation("test", out)
+        self.trainer.callbacks.append(evaluation)
+
+
+def run_cli(args: Sequence[str], evaluation: Optional[Any] = None) -> "MMMoECLI":
+    """``MMMoECLI`` on ``args`` (``<fit|validate|test> ...``): what ``mmmoe fit`` / ``test`` /
+    ``evaluate`` and the quickstart run, in this process. Returns the CLI (its trainer, model ...)."""
+    return MMMoECLI(args=list(args), evaluation=evaluation)
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``<fit|validate|test|predict> ...`` (argv starts with the subcommand); ``mmmoe fit``
     and ``python -m tasks.fit_cli fit`` (e.g. under torchrun) both end here."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        MMMoECLI(args=args)
+        run_cli(args)
     except MissingDataError as exc:
         print(f"mmmoe {args[0] if args else ''}: error: {exc}", file=sys.stderr)
         return 2

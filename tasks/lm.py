@@ -14,7 +14,8 @@ right-padded, ``text_pad_mask`` True at padding, ``lang`` per sample) and score 
   and the perplexity are over the masked positions (``mlm_labels`` != -100), overall and per
   language. The masks of the evaluated split are drawn with a fixed seed, so figures repeat.
 
-Baselines (``evaluate_split``, when the data module has a train split): a unigram model of the
+Evaluation (the test loop, ``tasks/evaluation.py``: ``mmmoe evaluate lm|mlm``, ``evaluate_split``)
+writes ``lm_metrics.json``. Baselines (when the data module has a train split): a unigram model of the
 training targets with add-one smoothing over the vocabulary (next-token targets for the causal LM;
 every non-special token of the original training text, per language, for the masked LM), scored
 on exactly the same targets as the model.
@@ -25,13 +26,10 @@ exponential, so the perplexity is the token-weighted one, not a mean of batch pe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +37,8 @@ from torch import Tensor
 
 from mmmoe.generation import generate, strip_special
 from mmmoe.models import TokenHead
-from tasks.base import MMMoEModule
+from tasks.base import MMMoEModule, eval_mode
+from tasks.evaluation import split_loader
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -99,19 +98,23 @@ class PerplexityMeter:
             self.nll[name] += float(sums[i])
             self.tokens[name] += int(counts[i])
 
-    def merge_distributed(self) -> None:
-        """Sum the meters of every process (no-op without torch.distributed); groups may differ."""
-        import torch.distributed as dist
+    def merge_distributed(self, module: Any) -> None:
+        """Sum the meters of every process of ``module``'s run (JSON over all_gather; a no-op on one
+        process); groups may differ between ranks."""
+        from tasks.evaluation import gather_json
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        parts = gather_json([dict(self.nll), dict(self.tokens)], module)
+        if len(parts) == 1:
             return
-        parts: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (dict(self.nll), dict(self.tokens)))
         self.reset()
         for nll, tokens in parts:
-            for k in nll:
-                self.nll[k] += nll[k]
-                self.tokens[k] += tokens[k]
+            self.add(nll, tokens)
+
+    def add(self, nll: Dict[str, float], tokens: Dict[str, int]) -> None:
+        """Add sums of another meter (``nll`` and ``tokens`` by group)."""
+        for k in nll:
+            self.nll[k] += float(nll[k])
+            self.tokens[k] += int(tokens[k])
 
     def total(self) -> Tuple[float, int]:
         return sum(self.nll.values()), sum(self.tokens.values())
@@ -158,24 +161,6 @@ class UnigramCounts:
         return out
 
 
-def split_loader(datamodule: Any, split: str) -> Iterable[Dict[str, Any]]:
-    """The data module's ``split`` loader ("train", "val" or "test"), set up on first use."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    pipelines = getattr(datamodule, "pipelines", None)
-    if pipelines is not None and split not in pipelines:
-        datamodule.setup("fit" if split == "train" else "test" if split == "test" else "validate")
-    if callable(getattr(datamodule, "_loader", None)):  # mmmoe data modules: the loader or None
-        loader = datamodule._loader(split)
-    else:
-        loader = getattr(datamodule, f"{split}_dataloader")()
-    if loader is None or (isinstance(loader, (list, tuple)) and len(loader) == 0):
-        raise ValueError(f"{type(datamodule).__name__} has no {split!r} split: set data.init_args.{split} (its shards)")
-    if isinstance(loader, (list, tuple)):
-        loader = loader[0]
-    return loader
-
-
 def check_text_positions(datamodule: Any, max_text_len: int) -> None:
     """Raise a ValueError naming both values when the data module's sequences (its
     ``max_text_positions``: the packing ``context``, else ``max_len``) are longer than the model's
@@ -190,18 +175,6 @@ def check_text_positions(datamodule: Any, max_text_len: int) -> None:
         f"(max_text_len={max_text_len}): set model.init_args.model_args.max_text_len to at least {n}, "
         f"or data.init_args.{what.split('=')[0]} to at most {max_text_len}"
     )
-
-
-def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename (never a half-written result file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the modules
@@ -257,7 +230,7 @@ class _TextLMModule(MMMoEModule):
         self.val_meter.update(nll, self._groups(batch, rows))
 
     def on_validation_epoch_end(self) -> None:
-        self.val_meter.merge_distributed()
+        self.val_meter.merge_distributed(self)
         if self.val_meter.total()[1] == 0:
             return
         self.log("val/perplexity", self.val_meter.perplexity(), prog_bar=True, rank_zero_only=True)
@@ -279,9 +252,8 @@ class _TextLMModule(MMMoEModule):
 
     def _unigram(self, datamodule: Any) -> Optional[UnigramCounts]:
         """Unigram counts of the training targets, or None without a train split."""
-        try:
-            loader = split_loader(datamodule, "train")
-        except ValueError:
+        loader = split_loader(datamodule, "train") if datamodule is not None else None
+        if loader is None:
             return None
         counts = UnigramCounts(self.config.vocab_size)
         for batch in loader:
@@ -294,46 +266,67 @@ class _TextLMModule(MMMoEModule):
         """The training tokens the unigram baseline counts (B x L', -100 = not counted)."""
         return self._targets_of(batch)
 
-    @torch.no_grad()
-    def evaluate_split(
-        self, datamodule: Any, split: str, out_dir: str, seed: int = 0, baseline: bool = True
-    ) -> Dict[str, float]:
-        """Perplexity of the ``split`` data (and, with ``baseline``, the unigram baseline): writes
-        ``<out_dir>/lm_metrics.json`` and returns the flat metrics dict (see the module doc).
-        MoE models also get ``expert_activation`` and ``sub_token_divergence`` (means over the
-        MoE layers of the split); ``self.activation_stats`` then holds the per-expert ratios."""
-        check_text_positions(datamodule, self.config.max_text_len)
-        loader = split_loader(datamodule, split)
-        was_training = self.training
-        self.eval()
+    # evaluation (the test loop, tasks/evaluation.py); options: seed (of the evaluated masks, 0),
+    # baseline (the unigram baseline, True)
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        dm = self.trainer.datamodule
+        if dm is not None:
+            check_text_positions(dm, self.config.max_text_len)
+        seed = int(self.eval_options.get("seed", 0))
+        self._rng_before_eval = torch.get_rng_state()
+        torch.manual_seed(seed)  # the masks of the evaluated text are the same every run
+        self._unigram_counts = self._unigram(dm) if self.eval_options.get("baseline", True) else None
+        torch.manual_seed(seed)
+
+    def on_test_epoch_end(self) -> None:
+        try:
+            super().on_test_epoch_end()
+        finally:
+            torch.set_rng_state(self._rng_before_eval)
+
+    def eval_records(self, batch: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """One record per batch: NLL sums and token counts by group (model and unigram baseline),
+        and the MoE layers' expert loads and sub-token divergence."""
+        _, nll, rows, labels, out = self._step(batch)
+        groups = self._groups(batch, rows)
+        meter = PerplexityMeter()
+        meter.update(nll, groups)
+        rec: Dict[str, Any] = {"nll": dict(meter.nll), "tokens": dict(meter.tokens)}
+        if self._unigram_counts is not None:
+            base = PerplexityMeter()
+            targets = labels[labels != IGNORE_INDEX].cpu()  # the same order as nll
+            base.update(self._unigram_counts.nll(targets, groups), groups)
+            rec.update(base_nll=dict(base.nll), base_tokens=dict(base.tokens))
+        if out.moe:
+            rec["moe"] = {k: [o.expert_load.detach().float().cpu().tolist(), int(o.num_tokens)] for k, o in out.moe.items()}
+            rec["divergence"] = float(torch.stack([o.divergence.float() for o in out.moe.values()]).mean())
+        return [rec]
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Perplexity over all records (and the unigram baseline): ``lm_metrics.json``. MoE models
+        also get ``expert_activation`` and ``sub_token_divergence`` (means over the MoE layers of the
+        split); ``self.activation_stats`` then holds the per-expert ratios."""
         meter, base = PerplexityMeter(), PerplexityMeter()
         self.activation_stats.reset()
-        div_sum, div_n = 0.0, 0
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # the masks of the evaluated text are the same every run
-                unigram = self._unigram(datamodule) if baseline else None
-                torch.manual_seed(seed)
-                for batch in loader:
-                    batch = self.on_after_batch_transfer(to_device(batch, self.device), 0)
-                    _, nll, rows, labels, out = self._step(batch)
-                    if out.moe:
-                        self.activation_stats.update(out.moe)
-                        div_sum += float(torch.stack([o.divergence.float() for o in out.moe.values()]).mean())
-                        div_n += 1
-                    groups = self._groups(batch, rows)
-                    meter.update(nll, groups)
-                    if unigram is not None:
-                        targets = labels[labels != IGNORE_INDEX].cpu()  # the same order as nll
-                        base.update(unigram.nll(targets, groups), groups)
-        finally:
-            self.train(was_training)
-        metrics = self._metrics(meter, base if unigram is not None else None)
-        if div_n:
+        divs = []
+        for rec in records:
+            meter.add(rec["nll"], rec["tokens"])
+            if "base_nll" in rec:
+                base.add(rec["base_nll"], rec["base_tokens"])
+            for key, (load, n) in rec.get("moe", {}).items():
+                t = torch.tensor(load)
+                stats = self.activation_stats
+                stats.load[key] = stats.load[key] + t if key in stats.load else t
+                stats.tokens[key] = stats.tokens.get(key, 0) + n
+            if "divergence" in rec:
+                divs.append(rec["divergence"])
+        metrics = self._metrics(meter, base if base.tokens else None)
+        if divs:
             act = self.activation_stats.activated()
             metrics["expert_activation"] = float(sum(act.values()) / len(act))
-            metrics["sub_token_divergence"] = div_sum / div_n
-        write_json(Path(out_dir) / "lm_metrics.json", {"task": self.TASK, "split": split, **metrics})
+            metrics["sub_token_divergence"] = sum(divs) / len(divs)
+        out.json("lm_metrics.json", {"task": self.TASK, "split": split, **metrics})
         return metrics
 
     def _metrics(self, meter: PerplexityMeter, base: Optional[PerplexityMeter]) -> Dict[str, float]:
@@ -415,13 +408,9 @@ class CausalLMModule(_TextLMModule):
         max_len = min(max_len, self.config.max_text_len - ids.shape[1] + 1)
         if max_len < 1:
             raise ValueError(f"the prompt is {ids.shape[1]} tokens: no room left in max_text_len={self.config.max_text_len}")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             out = generate(self.backbone, self.head, prefix_ids=ids, beam_size=beam_size, max_len=max_len,
                            length_penalty=length_penalty, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
-        finally:
-            self.train(was_training)
         return tok.decode(strip_special(out.tokens, tok.eos_id, tok.pad_id)[0])
 
 

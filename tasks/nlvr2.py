@@ -7,7 +7,7 @@ false with BEiT-3's MLP (``head_style="beit3"``, the default); ``head_style="tan
 tanh pooler on each of the four vectors first (this project's earlier head). Cross-entropy on ``label`` (1 true, 0 false);
 examples labelled -1 (unknown) take no loss.
 
-Evaluation protocol (see ``tasks/evaluate_cli.py``): ``evaluate_split(datamodule, split, out_dir)``
+Evaluation (the test loop, see ``tasks/evaluation.py``; ``mmmoe evaluate nlvr2``, ``evaluate_split``)
 writes ``nlvr2_predictions.json`` = [{"identifier", "prediction": "True"|"False"}] and, when the
 labelled JSON-lines file of the split is known (``eval_data`` for "val", ``test_data`` for "test"),
 scores it with the official definitions: ``nlvr2_accuracy``, ``nlvr2_consistency`` (percent), and
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmmoe.models import BackboneOutput, NLVR2Head
-from tasks.base import MMMoEModule
+from tasks.base import MMMoEModule, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class NLVR2Module(MMMoEModule):
     """
 
     TASK = "nlvr2"
+    RECORD_KEY = "identifier"
 
     backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
 
@@ -146,45 +147,36 @@ class NLVR2Module(MMMoEModule):
             return sum(labels) * 2 > len(labels), "the evaluated split (the module never trained)"
         return True, "default (no label counts)"
 
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: Union[str, os.PathLike]) -> Dict[str, float]:
-        """Predict every example of ``split``, write ``nlvr2_predictions.json`` into ``out_dir`` and
-        score it with the official accuracy / consistency when the split's labels are known."""
-        from tasks.evaluate_cli import prepare_batch, split_loader, write_json
-
+    def check_eval_inputs(self, split: str) -> None:
         gt = self.ground_truth(split)
         if gt is not None and not Path(gt).is_file():
             raise FileNotFoundError(f"NLVR2 data file {gt!r} (labels of the {split} split) does not exist")
-        loader = split_loader(datamodule, split)
-        was_training = self.training
-        self.eval()
-        preds: List[Dict[str, str]] = []
-        try:
-            with torch.no_grad():
-                for batch in loader:
-                    batch = prepare_batch(self, batch)
-                    logits_B2, _ = self(batch["image_left"], batch["image_right"], batch["text_ids"],
-                                        batch.get("text_pad_mask"))
-                    for ident, p in zip(batch["identifier"], logits_B2.argmax(-1).tolist()):
-                        preds.append({"identifier": str(ident), "prediction": "True" if p == 1 else "False"})
-        finally:
-            self.train(was_training)
-        if not preds:
-            raise ValueError(f"the {split} split of the data module produced no examples")
-        out = Path(out_dir)
-        write_json(out / "nlvr2_predictions.json", preds, indent=None)
-        metrics: Dict[str, float] = {"nlvr2_num_examples": float(len(preds))}
+
+    @torch.no_grad()
+    def eval_records(self, batch: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """``{"identifier", "prediction": "True"|"False"}`` of every example of the batch."""
+        logits_B2, _ = self(batch["image_left"], batch["image_right"], batch["text_ids"], batch.get("text_pad_mask"))
+        return [{"identifier": str(ident), "prediction": "True" if p == 1 else "False"}
+                for ident, p in zip(batch["identifier"], logits_B2.argmax(-1).tolist())]
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Write ``nlvr2_predictions.json``; with the split's labels, the official accuracy and
+        consistency and the two trivial baselines (``nlvr2_scores.json``)."""
+        gt = self.ground_truth(split)
+        out.json("nlvr2_predictions.json", records, indent=None)
+        metrics: Dict[str, float] = {"nlvr2_num_examples": float(len(records))}
         if gt is None:
-            log.info("no labels for the %s split: wrote %s only", split, out / "nlvr2_predictions.json")
+            log.info("no labels for the %s split: wrote %s only", split, out.path("nlvr2_predictions.json"))
             return metrics
         from tasks.metrics.nlvr2 import load_labels, nlvr2_scores
 
-        scores = nlvr2_scores(gt, preds)
+        scores = nlvr2_scores(gt, records)
         labels = load_labels(gt)
         majority, source = self.majority_label(fallback=labels)
         base = nlvr2_scores(gt, {i: majority for i in labels})
         always_true = 100.0 * sum(labels.values()) / len(labels)
-        write_json(out / "nlvr2_scores.json", {**scores, "majority_label": majority, "majority_source": source,
-                                              "majority_baseline": base["accuracy"]})
+        out.json("nlvr2_scores.json", {**scores, "majority_label": majority, "majority_source": source,
+                                       "majority_baseline": base["accuracy"]})
         metrics.update(
             nlvr2_accuracy=float(scores["accuracy"]),
             nlvr2_consistency=float(scores["consistency"]),
@@ -206,11 +198,7 @@ class NLVR2Module(MMMoEModule):
         left = load_image(image_path, self.config.image_size).to(self.device)
         right = load_image(right_image, self.config.image_size).to(self.device)
         ids, pad = encode_text_batch(self, [sentence])
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             logits_12, _ = self(left, right, ids, pad)
-        finally:
-            self.train(was_training)
         p_true = float(torch.softmax(logits_12, -1)[0, 1])
         return {"sentence": sentence, "prediction": "True" if p_true > 0.5 else "False", "p_true": round(p_true, 4)}

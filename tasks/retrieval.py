@@ -16,7 +16,7 @@ probability mass).
 Data: ``data_pipelines.datamodules.CaptionDataModule`` (Karpathy caption shards; training draws one
 of the image's captions per visit).
 
-Evaluation protocol (``evaluate_split``, see tasks/evaluate_cli.py): every image of the split and
+Evaluation (the test loop, ``tasks/evaluation.py``; ``mmmoe evaluate retrieval``): every image of the split and
 its first ``captions_per_image`` (5, the Karpathy protocol) reference captions are embedded; the
 full image x text similarity matrix ranks texts for every image and images for every text. Metrics
 (percent): ``retrieval_i2t_r{1,5,10}`` (an image is right at K when any of its captions is in its
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 
 from mmmoe.models import MultiwayTransformer
 from mmmoe.models.dual_encoder import RetrievalHead
-from tasks.base import MMMoEModule
+from tasks.base import MMMoEModule, eval_mode
 from tasks.contrastive import RECALL_KS, contrastive_loss, random_recall, recall_at_k
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,7 @@ class RetrievalModule(MMMoEModule):
     """
 
     TASK = "retrieval"
+    RECORD_KEY = "image_id"
 
     backbone_inputs = ("image", "text")  # a dual encoder: image-only and text-only passes
 
@@ -137,66 +137,54 @@ class RetrievalModule(MMMoEModule):
         self.log("val/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
         return loss
 
-    # ------------------------------------------------------------------ evaluation protocol
-    @torch.no_grad()
-    def embed_split(self, datamodule: Any, split: str) -> Tuple[Tensor, Tensor, List[int], List[Dict[str, Any]]]:
-        """(image embeddings I x E, text embeddings T x E, image ids, texts [{"text_id", "image_id",
-        "caption"}]) of every image of ``split`` once and its first ``captions_per_image`` captions."""
-        from tasks.evaluate_cli import encode_text_batch, prepare_batch, split_loader
-
-        loader = split_loader(datamodule, split)
-        k = int(self.hparams.captions_per_image)
-        img_parts: List[Tensor] = []
-        image_ids: List[int] = []
-        texts: List[Dict[str, Any]] = []
-        seen = set()
-        self._use_tokenizer_of(datamodule)
-        for batch in loader:
-            batch = prepare_batch(self, batch)
-            keep = [i for i, iid in enumerate(batch["image_id"].tolist()) if iid not in seen]
-            if not keep:
-                continue
-            caps = batch.get("captions")
-            if caps is None:
-                raise ValueError(f"the {split} batches carry no 'captions': retrieval needs the caption shards")
-            img_parts.append(self.encode_image(batch["image"][keep]).cpu())
-            for i in keep:
-                iid = int(batch["image_id"][i])
-                seen.add(iid)
-                refs = [c for c in caps[i] if isinstance(c, str)][:k]
-                if not refs:
-                    raise ValueError(f"image {iid} of the {split} split has no caption")
-                for j, c in enumerate(refs):
-                    texts.append({"text_id": len(texts), "image_id": iid, "caption": c})
-                image_ids.append(iid)
-        if not image_ids:
-            raise ValueError(f"the {split!r} split gave no images (empty shards?)")
-        txt_parts = []
-        for s in range(0, len(texts), 256):
-            ids, pad = encode_text_batch(self, [t["caption"] for t in texts[s: s + 256]])
-            txt_parts.append(self.encode_text(ids, pad).cpu())
-        return torch.cat(img_parts), torch.cat(txt_parts), image_ids, texts
-
+    # ------------------------------------------------------------------ evaluation (tasks/evaluation.py)
     def _use_tokenizer_of(self, datamodule: Any) -> None:
         if not self.hparams.get("tokenizer") and getattr(self, "_predict_tokenizer", None) is None:
             tok = getattr(datamodule, "tokenizer", None)
             if tok is not None and not isinstance(tok, str):
                 self._predict_tokenizer = tok
 
-    @torch.no_grad()
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: Union[str, os.PathLike]) -> Dict[str, float]:
-        """Rank every text for every image of ``split`` and every image for every text; write
-        ``retrieval_results.json`` and return the recalls and their random baselines."""
-        from tasks.evaluate_cli import write_json
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._use_tokenizer_of(self.trainer.datamodule)
 
-        was_training = self.training
-        self.eval()
-        try:
-            img_IE, txt_TE, image_ids, texts = self.embed_split(datamodule, split)
-        finally:
-            self.train(was_training)
-        index = {iid: i for i, iid in enumerate(image_ids)}
-        text_image_T = torch.tensor([index[t["image_id"]] for t in texts])
+    @torch.no_grad()
+    def eval_records(self, batch: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """Per image of the batch: ``{"image_id", "embedding", "captions", "text_embeddings"}`` (its
+        first ``captions_per_image`` captions; embeddings as float lists)."""
+        from tasks.evaluate_cli import encode_text_batch
+
+        caps = batch.get("captions")
+        if caps is None:
+            raise ValueError("the evaluated batches carry no 'captions': retrieval needs the caption shards")
+        k = int(self.hparams.captions_per_image)
+        image_ids = batch["image_id"].tolist()
+        refs = [[c for c in caps[i] if isinstance(c, str)][:k] for i in range(len(image_ids))]
+        for iid, r in zip(image_ids, refs):
+            if not r:
+                raise ValueError(f"image {iid} of the {self.evaluated_split} split has no caption")
+        img_BE = self.encode_image(batch["image"]).float().cpu()
+        ids, pad = encode_text_batch(self, [c for r in refs for c in r])
+        txt_TE = self.encode_text(ids, pad).float().cpu()
+        records, t = [], 0
+        for i, iid in enumerate(image_ids):
+            n = len(refs[i])
+            records.append({"image_id": int(iid), "embedding": img_BE[i].tolist(), "captions": refs[i],
+                            "text_embeddings": txt_TE[t: t + n].tolist()})
+            t += n
+        return records
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Rank every text for every image and every image for every text; write
+        ``retrieval_results.json`` and return the recalls and their random baselines."""
+        image_ids = [r["image_id"] for r in records]
+        texts: List[Dict[str, Any]] = []
+        for r in records:
+            for c in r["captions"]:
+                texts.append({"text_id": len(texts), "image_id": r["image_id"], "caption": c})
+        img_IE = torch.tensor([r["embedding"] for r in records])
+        txt_TE = torch.tensor([e for r in records for e in r["text_embeddings"]])
+        text_image_T = torch.tensor([i for i, r in enumerate(records) for _ in r["captions"]])
         sim_IT = img_IE @ txt_TE.t()
         metrics = recall_at_k(sim_IT, text_image_T)
         per_image = torch.bincount(text_image_T, minlength=len(image_ids)).tolist()
@@ -214,7 +202,7 @@ class RetrievalModule(MMMoEModule):
             "text_to_image": [{"text_id": t["text_id"], "ranked_image_ids": [image_ids[j] for j in top_i[n].tolist()]}
                               for n, t in enumerate(texts)],
         }
-        write_json(Path(out_dir) / RESULTS_FILE, results, indent=None)
+        out.json(RESULTS_FILE, results, indent=None)
         return metrics
 
     @torch.no_grad()
@@ -225,14 +213,10 @@ class RetrievalModule(MMMoEModule):
 
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("predict retrieval needs --texts with at least one non-empty text")
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             img = self.encode_image(load_image(image_path, self.config.image_size).to(self.device))
             ids, pad = encode_text_batch(self, list(texts))
             txt = self.encode_text(ids, pad)
-        finally:
-            self.train(was_training)
         sim = (img @ txt.t())[0]
         prob = torch.softmax(self.head.scale() * sim, dim=-1)
         order = torch.argsort(-sim, stable=True).tolist()

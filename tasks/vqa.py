@@ -20,7 +20,7 @@ missing file is built from ``train_annotations`` with ``tasks.metrics.vqa.build_
 and written there, so the data module (which reads the same path) finds it. The module keeps the
 list itself in its hyperparameters: a checkpoint needs no vocabulary file.
 
-Evaluation protocol (see ``tasks/evaluate_cli.py``): ``evaluate_split(datamodule, split, out_dir)``
+Evaluation (the test loop, see ``tasks/evaluation.py``; ``mmmoe evaluate vqa``, ``evaluate_split``)
 writes ``vqa_results.json`` = [{"question_id", "answer"}] and, when the ground truth of the split is
 known (``eval_questions`` + ``eval_annotations`` for "val", ``test_questions`` + ``test_annotations``
 for "test"), scores it with the official metric and returns ``vqa_accuracy`` (percent),
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmmoe.models import BackboneOutput, MultiwayTransformer, VQAHead
-from tasks.base import MMMoEModule
+from tasks.base import MMMoEModule, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ class VQAModule(MMMoEModule):
     """
 
     TASK = "vqa"
+    RECORD_KEY = "question_id"
 
     backbone_inputs = ("image_text",)  # image-text pairs only (see MMMoEModule.backbone_inputs)
 
@@ -270,43 +271,34 @@ class VQAModule(MMMoEModule):
                              f"{prefix}_annotations (got only {'questions' if a is None else 'annotations'})")
         return q, a
 
-    def evaluate_split(self, datamodule: Any, split: str, out_dir: Union[str, os.PathLike]) -> Dict[str, float]:
-        """Answer every question of ``split``, write ``vqa_results.json`` into ``out_dir``, score it
-        with the official VQA accuracy when the ground truth is known. Returns flat float metrics."""
-        from tasks.evaluate_cli import prepare_batch, split_loader, write_json
-
-        questions, annotations = self.ground_truth(split)
-        for what, path in (("questions", questions), ("annotations", annotations)):
+    def check_eval_inputs(self, split: str) -> None:
+        for what, path in zip(("questions", "annotations"), self.ground_truth(split)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"VQA {what} file {path!r} (ground truth of the {split} split) does not exist")
-        loader = split_loader(datamodule, split)
-        was_training = self.training
-        self.eval()
-        results: List[Dict[str, Any]] = []
-        try:
-            for batch in loader:
-                batch = prepare_batch(self, batch)
-                _, idx_B1 = self.predict_batch(batch, top_k=1)
-                for qid, i in zip(batch["question_id"].tolist(), idx_B1[:, 0].tolist()):
-                    results.append({"question_id": int(qid), "answer": self.answers[i]})
-        finally:
-            self.train(was_training)
-        if not results:
-            raise ValueError(f"the {split} split of the data module produced no questions")
-        out = Path(out_dir)
-        write_json(out / "vqa_results.json", results, indent=None)
-        metrics: Dict[str, float] = {"vqa_num_questions": float(len(results))}
+
+    def eval_records(self, batch: Mapping[str, Any]) -> List[Dict[str, Any]]:
+        """``{"question_id", "answer"}`` of every question of the batch (the official result entry)."""
+        _, idx_B1 = self.predict_batch(batch, top_k=1)
+        return [{"question_id": int(qid), "answer": self.answers[i]}
+                for qid, i in zip(batch["question_id"].tolist(), idx_B1[:, 0].tolist())]
+
+    def score_records(self, records: List[Dict[str, Any]], split: str, out: Any) -> Dict[str, float]:
+        """Write ``vqa_results.json``; with the split's ground truth, score it with the official VQA
+        accuracy (per answer type) and the majority-answer baseline (``vqa_scores.json``)."""
+        questions, annotations = self.ground_truth(split)
+        out.json("vqa_results.json", records, indent=None)
+        metrics: Dict[str, float] = {"vqa_num_questions": float(len(records))}
         if questions is None:
-            log.info("no ground truth for the %s split: wrote %s only", split, out / "vqa_results.json")
+            log.info("no ground truth for the %s split: wrote %s only", split, out.path("vqa_results.json"))
             return metrics
         from tasks.metrics.vqa import vqa_accuracy
 
-        scores = vqa_accuracy(questions, annotations, results)
+        scores = vqa_accuracy(questions, annotations, records)
+        majority = self.hparams.majority_answer
         baseline = vqa_accuracy(questions, annotations,
-                                [{"question_id": r["question_id"], "answer": self.hparams.majority_answer}
-                                 for r in results])
-        write_json(out / "vqa_scores.json", {k: v for k, v in scores.items() if k != "perQuestion"}
-                   | {"majority_answer": self.hparams.majority_answer, "majority_baseline": baseline["overall"]})
+                                [{"question_id": r["question_id"], "answer": majority} for r in records])
+        out.json("vqa_scores.json", {k: v for k, v in scores.items() if k != "perQuestion"}
+                 | {"majority_answer": majority, "majority_baseline": baseline["overall"]})
         metrics["vqa_accuracy"] = float(scores["overall"])
         for atype, acc in sorted(scores["perAnswerType"].items()):
             metrics[f"vqa_accuracy_{atype.replace('/', '_')}"] = float(acc)
@@ -322,12 +314,8 @@ class VQAModule(MMMoEModule):
             raise ValueError("predict vqa needs a non-empty --question")
         image = load_image(image_path, self.config.image_size).to(self.device)
         ids, pad = encode_text_batch(self, [question])
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             scores_1K, idx_1K = self.predict_batch({"image": image, "text_ids": ids, "text_pad_mask": pad}, top_k)
-        finally:
-            self.train(was_training)
         top = [{"answer": self.answers[i], "score": round(float(s), 4)}
                for s, i in zip(scores_1K[0].tolist(), idx_1K[0].tolist())]
         return {"question": question, "answer": top[0]["answer"], "score": top[0]["score"], "top": top}

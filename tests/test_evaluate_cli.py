@@ -154,7 +154,7 @@ def test_pickled_checkpoint_is_refused_and_nothing_runs(setup, tmp_path, capsys)
 def test_evaluate_round_trip_vqa(setup, tmp_path, capsys):
     out = tmp_path / "eval"
     rc, stdout, err = run(capsys, "evaluate", "vqa", "--config", setup["config"]["vqa"], "--ckpt", setup["ckpt"]["vqa"],
-                          "--out", str(out), "--device", "cpu")
+                          "--out", str(out), "--trainer.accelerator", "cpu")
     assert rc == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(stdout) == metrics
@@ -180,11 +180,11 @@ def test_evaluate_round_trip_nlvr2_both_splits(setup, tmp_path, capsys):
 
     assert {p["identifier"] for p in preds} == set(load_labels(d["nlvr2_test1_json"]))
     assert test_metrics["nlvr2_accuracy"] == pytest.approx(nlvr2_scores(d["nlvr2_test1_json"], preds)["accuracy"])
-    # --eval-data names the labels of the evaluated split; test1's labels for the dev predictions are
+    # eval_data names the labels of the evaluated split; test1's labels for the dev predictions are
     # the wrong ones -> a clear error naming the mismatch
     rc, _, err = run(capsys, "evaluate", "nlvr2", "--config", setup["config"]["nlvr2"],
                      "--ckpt", setup["ckpt"]["nlvr2"], "--out", str(tmp_path / "v"),
-                     "--eval-data", d["nlvr2_test1_json"])
+                     "--model.init_args.eval_data", d["nlvr2_test1_json"])
     assert rc == 2 and "no prediction" in err
     rc, stdout, err = run(capsys, "evaluate", "nlvr2", "--config", setup["config"]["nlvr2"],
                           "--ckpt", setup["ckpt"]["nlvr2"], "--out", str(tmp_path / "v"))
@@ -194,7 +194,7 @@ def test_evaluate_round_trip_nlvr2_both_splits(setup, tmp_path, capsys):
 
 def test_evaluate_without_ground_truth(setup, tmp_path, capsys):
     rc, stdout, err = run(capsys, "evaluate", "nlvr2", "--config", setup["config"]["nlvr2"], "--ckpt",
-                          setup["ckpt"]["nlvr2"], "--split", "test", "--set", "test_data=null", "--out", str(tmp_path))
+                          setup["ckpt"]["nlvr2"], "--split", "test", "--model.init_args.test_data", "null", "--out", str(tmp_path))
     assert rc == 0, err
     assert set(json.loads(stdout)) == {"nlvr2_num_examples"}
     assert (tmp_path / "nlvr2_predictions.json").is_file()
@@ -204,11 +204,11 @@ def test_evaluate_errors_are_clear(setup, tmp_path, capsys):
     cfg, ckpt = setup["config"]["vqa"], setup["ckpt"]["vqa"]
     cases = [
         (["--ckpt", str(tmp_path / "none.ckpt")], "none.ckpt' does not exist"),
-        (["--questions", str(tmp_path / "q.json")], "q.json"),
-        (["--eval-data", "x.json"], "--eval-data applies to the nlvr2 task"),
-        (["--set", "eval_nothing=1"], "no hyperparameter 'eval_nothing'"),
+        (["--model.init_args.eval_questions", str(tmp_path / "q.json")], "q.json"),
+        (["--model.init_args.eval_data", "x.json"], "eval_data"),  # an NLVR2 argument, not VQA's
+        (["--model.init_args.eval_nothing", "1"], "eval_nothing"),
         (["--split", "test"], "no test split"),
-        (["--data", "no_such_arg=1"], "no_such_arg"),
+        (["--data.init_args.no_such_arg", "1"], "no_such_arg"),
     ]
     for extra, message in cases:
         argv = ["evaluate", "vqa", "--config", cfg, "--ckpt", ckpt, "--out", str(tmp_path / "o"), *extra]
@@ -293,26 +293,67 @@ def test_predict_hostile_images_are_clear_errors(setup, tmp_path, capsys):
 def test_finetune_config_fit_then_evaluate(task, setup, tmp_path, capsys):
     """configs/finetune/<task>.yaml with data/synth -> this test's tiny dataset: `mmmoe fit` for a
     few steps (LightningCLI), then `mmmoe evaluate` of its last.ckpt with the same config."""
-    text = (REPO / "configs" / "finetune" / f"{task}.yaml").read_text()
-    data_dir = setup["data"]["data"]
-    text = text.replace("data/synth", str(data_dir)).replace(f"runs/finetune-{task}", str(tmp_path / "run"))
-    cfg = tmp_path / f"{task}.yaml"
-    cfg.write_text(text)
-    parsed = read_config(cfg)
-    assert parsed["model"]["init_args"]["model"] == "tiny"
+    cfg = finetune_config(task, setup, tmp_path)
     with one_thread():
-        rc = main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
-                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                   "--data.init_args.num_workers", "0", "--model.init_args.model_args", '{"depth": 1}',
-                   "--model.init_args.variant", "dense"])
+        rc = main(["fit", "--config", str(cfg), *FAST_FIT, *SMALL_OVERRIDES])
     assert rc == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    rc, out, err = run(capsys, "evaluate", task, "--config", str(cfg), "--ckpt", str(last), "--data", "num_workers=0")
+    assert last.is_file() and (last.parent / "config.yaml").is_file()  # the run's config, for evaluate
+    rc, out, err = run(capsys, "evaluate", task, "--ckpt", str(last))
     assert rc == 0, err
     metrics = json.loads(out)
     assert f"{task}_majority_baseline" in metrics
     assert json.loads((last.parent / f"eval-{task}-val" / "metrics.json").read_text()) == metrics
+
+
+FAST_FIT = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--data.init_args.num_workers", "0"]
+SMALL_OVERRIDES = ["--model.init_args.model_args", '{"depth": 1}', "--model.init_args.variant", "dense"]
+
+
+def finetune_config(task: str, setup, tmp_path: Path) -> Path:
+    text = (REPO / "configs" / "finetune" / f"{task}.yaml").read_text()
+    text = text.replace("data/synth", str(setup["data"]["data"])).replace(f"runs/finetune-{task}", str(tmp_path / "run"))
+    cfg = tmp_path / f"{task}.yaml"
+    cfg.write_text(text)
+    assert read_config(cfg)["model"]["init_args"]["model"] == "tiny"
+    return cfg
+
+
+def test_evaluate_finds_the_runs_config_with_its_overrides(setup, tmp_path, capsys):
+    """A fit whose ground truth and answer vocabulary came from command-line overrides: `mmmoe evaluate vqa --ckpt` (no --config) evaluates with those, as the overrides
+    restated would; the config file alone gives other figures."""
+    d = setup["data"]
+    cfg = finetune_config("vqa", setup, tmp_path)
+    # other ground truth: the same questions, every human answer "zzz" (accuracy and baseline 0)
+    ann = json.loads(Path(d["val_annotations"]).read_text())
+    for a in ann["annotations"]:
+        a["multiple_choice_answer"] = "zzz"
+        for h in a["answers"]:
+            h["answer"] = "zzz"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "ann.json").write_text(json.dumps(ann))
+    overrides = ["--model.init_args.eval_annotations", str(elsewhere / "ann.json"),
+                 "--model.init_args.answer_vocab", str(elsewhere / "answers.json"),
+                 "--data.init_args.answer_vocab", str(elsewhere / "answers.json")]
+    with one_thread():
+        rc = main(["fit", "--config", str(cfg), *FAST_FIT, *SMALL_OVERRIDES, *overrides])
+    assert rc == 0 and (elsewhere / "answers.json").is_file()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    rc, out, err = run(capsys, "evaluate", "vqa", "--ckpt", str(last), "--out", str(tmp_path / "a"))
+    assert rc == 0, err
+    found = json.loads(out)
+    rc, out, err = run(capsys, "evaluate", "vqa", "--config", str(cfg), "--ckpt", str(last), "--out", str(tmp_path / "b"),
+                       "--data.init_args.num_workers", "0", *SMALL_OVERRIDES, *overrides)
+    assert rc == 0, err
+    assert found == json.loads(out)
+    assert (tmp_path / "a" / "vqa_results.json").read_bytes() == (tmp_path / "b" / "vqa_results.json").read_bytes()
+    assert found["vqa_accuracy"] == 0.0 and found["vqa_majority_baseline"] == 0.0
+    rc, out, err = run(capsys, "evaluate", "vqa", "--config", str(cfg), "--ckpt", str(last), "--out", str(tmp_path / "c"),
+                       "--data.init_args.num_workers", "0", *SMALL_OVERRIDES, *overrides[2:])
+    assert rc == 0, err
+    assert json.loads(out)["vqa_majority_baseline"] > 0.0  # the config's own annotations
 
 
 def test_checkpoint_whose_tokenizer_moved(setup, tmp_path, capsys):
