@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
 def write_outputs(out: Path, runs: List[Dict[str, Any]], args: argparse.Namespace, settings: Dict[str, Any],
                   baseline: Optional[float], wall: float, final: bool) -> str:
     """compare.json (rewritten after every run), compare.md and curves.png; returns the table."""
-    from tasks.lm import write_json
+    from tasks.evaluate_cli import write_json
 
     summary = summarise(runs, args.variants)
     title = (f"{'causal LM' if args.task == 'lm' else 'masked LM'} on {' '.join(args.text)}: {args.preset}, "

@@ -1,72 +1,46 @@
-"""``mmmoe evaluate`` / ``mmmoe predict``, and the evaluation protocol every task module follows.
+"""``mmmoe evaluate`` / ``mmmoe predict``: the task registry, checkpoint loading for prediction,
+and single-input helpers.
 
-THE PROTOCOL (a task ``LightningModule`` class, e.g. ``tasks.vqa.VQAModule``):
+``mmmoe evaluate <task> --ckpt CKPT [--split val|test] [--out DIR] [--config YAML ...] [overrides]``
+is LightningCLI ``test`` (``tasks.fit_cli``) on the run's saved ``config.yaml`` (``mmmoe fit``
+writes it into the checkpoint folder, with every command-line override of the fit), followed by
+any ``--config`` files and LightningCLI overrides given here (``--trainer.devices 2 --trainer.strategy
+ddp``, ``--model.init_args.eval_questions Q.json``, ``--data.init_args.num_workers 0``). The
+Trainer's test loop evaluates (``tasks/evaluation.py``: the protocol every task module follows):
+official result files of the split and ``metrics.json`` in ``--out`` (default
+``<ckpt folder>/eval-<task>-<split>``), one file also on several processes; the metrics are printed
+as JSON on stdout (progress and logs go to stderr).
 
-``TASK: str``
-    class attribute, the short task name (``vqa``, ``nlvr2``, ``caption``, ``lm``, ``mlm``,
-    ``retrieval``).
-``evaluate_split(self, datamodule, split: str, out_dir: str) -> Dict[str, float]``
-    runs the model (eval mode, no grad, on the module's device) over ``datamodule``'s ``split``
-    loader (``"val"`` or ``"test"``; :func:`split_loader` calls ``datamodule.setup()`` when needed),
-    writes the official result file(s) into ``out_dir`` (VQA ``vqa_results.json``, NLVR2
-    ``nlvr2_predictions.json``, captions ``caption_results.json``), scores them with
-    ``tasks/metrics`` when the ground truth is known, and returns a flat dict of floats that
-    includes the task's trivial baseline on the same split (``vqa_majority_baseline``,
-    ``nlvr2_majority_baseline``, ...).
-``predict_one(self, image_path, **kwargs) -> dict`` (image tasks)
-    one prediction for one image file, JSON-serialisable. ``mmmoe predict`` passes the keyword
-    arguments given on its command line (``--question`` -> ``question``, ``--sentence`` ->
-    ``sentence``, ``--right-image`` -> ``right_image``, ``--top-k`` -> ``top_k``, any
-    ``--kw NAME=VALUE`` -> ``NAME``), only those the method's signature accepts. A class may
-    instead define ``predict_cli(self, args: argparse.Namespace) -> dict`` (or its Python module a
-    function ``predict_cli(module, args) -> dict``) to read the parsed command line itself; that
-    takes precedence. ``mmmoe predict`` prints the dict as JSON (VQA: the answer and top-k lines).
+``mmmoe predict <task> --ckpt CKPT --image IMG ...`` rebuilds the module from the checkpoint's
+plain-typed ``hyper_parameters`` (:func:`load_task_module`, ``init_from`` dropped: the checkpoint
+holds the fine-tuned weights) and runs its ``predict_one(image_path, **kwargs)``: ``--question`` ->
+``question``, ``--sentence`` -> ``sentence``, ``--right-image`` -> ``right_image``, ``--top-k`` ->
+``top_k``, ``--texts`` -> ``texts``, any ``--kw NAME=VALUE`` -> ``NAME`` (only those the method
+accepts). A class may instead define ``predict_cli(self, args)`` (or its Python module a function
+``predict_cli(module, args)``) to read the parsed command line itself.
 
-``eval_data_overrides(self) -> dict`` (optional)
-    data module init args the module needs at evaluation (VQA: its own ``answer_vocab`` list, so
-    the data module and the checkpoint agree without the vocabulary file).
+Helpers for task modules: :func:`load_image` (one file -> 1 x 3 x S x S, the data modules' eval
+transform and ImageNet normalisation, hostile files refused clearly), :func:`encode_text_batch` /
+:func:`module_tokenizer` (text with the checkpoint's tokenizer), :func:`write_json` (atomic).
 
-GROUND TRUTH (eval inputs) lives in the module's init args, read from ``self.hparams`` when
-``evaluate_split`` runs (so it can be changed on a loaded module):
-
-    vqa      eval_questions, eval_annotations   (split "val"; test_questions / test_annotations for "test")
-    nlvr2    eval_data                          (split "val"; test_data for "test")
-    caption  eval_coco, eval_split              (the other helper's module)
-
-``mmmoe evaluate`` takes them, in increasing priority, from the checkpoint's hyperparameters, from
-the config's ``model.init_args`` (every key named ``eval_*`` / ``test_*``), and from the command
-line: ``--questions`` / ``--annotations`` (vqa) and ``--eval-data`` (nlvr2) set the ``eval_*`` name
-for ``--split val`` and the ``test_*`` name for ``--split test``; ``--set NAME=VALUE`` sets any
-hyperparameter by name.
-
-HELPERS for implementations: :func:`split_loader` (the split's loader, setup on demand, a clear
-error when the data module has no such split), :func:`prepare_batch` (device move +
-``on_after_batch_transfer``, i.e. what a Trainer does), :func:`write_json` (atomic),
-:func:`load_image` (one file -> 1 x 3 x S x S, the data modules' eval transform and ImageNet
-normalisation), :func:`encode_text_batch` / :func:`module_tokenizer` (text with the checkpoint's
-tokenizer).
-
-CHECKPOINTS are only read weights-only (:func:`tasks.base.load_state_file`): a file that needs
-unpickling is refused (exit status 2) and nothing in it runs. :func:`load_task_module` rebuilds the
-module from the checkpoint's plain-typed ``hyper_parameters`` (``init_from`` dropped: the checkpoint
-holds the fine-tuned weights) and loads its ``state_dict`` strictly.
+CHECKPOINTS are only read weights-only (:func:`tasks.base.load_state_file`, also inside the
+Trainer through ``tasks.base.AtomicCheckpointIO``): a file that needs unpickling is refused (exit
+status 2) and nothing in it runs. ``--ckpt`` also takes a model folder written by ``mmmoe export``
+(``evaluate`` then needs ``--config``; the folder's verified safetensors initialise the module).
 
 Commands::
 
-    mmmoe evaluate vqa --config configs/finetune/vqa.yaml --ckpt runs/finetune-vqa/checkpoints/last.ckpt
-    mmmoe evaluate nlvr2 --config configs/finetune/nlvr2.yaml --ckpt CKPT --split test [--out DIR]
-    mmmoe evaluate vqa --config C.yaml --ckpt CKPT --questions Q.json --annotations A.json --data num_workers=0
+    mmmoe evaluate vqa --ckpt runs/finetune-vqa/checkpoints/last.ckpt
+    mmmoe evaluate nlvr2 --ckpt CKPT --split test --out DIR
+    mmmoe evaluate vqa --ckpt CKPT --trainer.devices 2 --trainer.strategy ddp --trainer.accelerator cpu
+    mmmoe evaluate vqa --ckpt CKPT --model.init_args.eval_questions Q.json --model.init_args.eval_annotations A.json
     mmmoe predict vqa --ckpt CKPT --image photo.jpg --question "what color is the cat?" [--top-k 5] [--json]
     mmmoe predict nlvr2 --ckpt CKPT --image left.png --right-image right.png --sentence "..."
     mmmoe predict caption --ckpt CKPT --image photo.jpg [--kw beam_size=3]
     mmmoe predict retrieval --model DIR --image photo.jpg --texts "a red circle" "two squares"
-    mmmoe evaluate retrieval --config configs/finetune/retrieval.yaml --ckpt CKPT --split test
-
-``--ckpt`` (and ``--model`` of ``predict``) also take a model folder written by ``mmmoe export``
-(``tasks.export.load_task_module_from_folder``: verified safetensors, no unpickling).
 
 Exit status: 0 on success, 2 on a refused checkpoint, a missing file or a wrong argument (one line
-on stderr naming the problem).
+on stderr naming the problem; LightningCLI's own message for a wrong override).
 """
 
 from __future__ import annotations
@@ -91,9 +65,8 @@ TASKS: Dict[str, str] = {
     "mlm": "tasks.lm:MaskedLMModule",
     "retrieval": "tasks.retrieval:RetrievalModule",
 }
-SPLITS = ("val", "test")
+SPLITS = ("val", "test")  # what ``tasks.evaluation.OfficialEvaluation`` evaluates
 TEXT_EMBEDDING = "backbone.text_embed.token_embed.weight"
-RESULT_NAME = "metrics.json"
 
 
 class TaskUnavailableError(ImportError):
@@ -330,7 +303,7 @@ def evaluate(task: str, ckpt: PathLike, split: str = "val", out_dir: Optional[Pa
     config (``config.yaml`` next to the checkpoint, written by ``mmmoe fit``) plus ``configs`` and
     ``overrides``, with ``tasks.evaluation.OfficialEvaluation(split, out_dir)``. Returns the
     metrics (also in ``out_dir/metrics.json``)."""
-    from tasks.evaluation import RESULT_NAME, OfficialEvaluation
+    from tasks.evaluation import OfficialEvaluation
     from tasks.export import find_run_config, is_model_folder
     from tasks.fit_cli import run_cli
 
@@ -365,11 +338,8 @@ def evaluate(task: str, ckpt: PathLike, split: str = "val", out_dir: Optional[Pa
     else:
         args += ["--model.init_args.init_from", "null", "--ckpt_path", str(ckpt)]
     args += [str(o) for o in overrides]
-    result = out / RESULT_NAME
-    if result.exists():
-        result.unlink()  # never report the figures of an earlier evaluation
-    run_cli(args, evaluation=OfficialEvaluation(split, str(out)))
-    return {k: float(v) for k, v in json.loads(result.read_text(encoding="utf-8")).items()}
+    cli = run_cli(args, evaluation=OfficialEvaluation(split, str(out)))
+    return {k: float(v) for k, v in cli.model.eval_metrics.items()}
 
 
 def run_evaluate(ns: argparse.Namespace) -> int:
@@ -395,7 +365,10 @@ def run_evaluate(ns: argparse.Namespace) -> int:
         print(f"mmmoe evaluate: error: {ns.ckpt} does not match the model of the config: {first} "
               "(is it a checkpoint of this run?)", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=1))
+    from tasks.fit_cli import _is_rank_zero
+
+    if _is_rank_zero():  # the other processes of a multi-process evaluation print nothing
+        print(json.dumps(metrics, indent=1))
     return 0
 
 

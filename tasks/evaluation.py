@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Optional, Union
 import pytorch_lightning as pl
 import torch
 
-SPLITS = ("val", "test")
+from tasks.evaluate_cli import SPLITS, write_json
+
 RESULT_NAME = "metrics.json"
 PathLike = Union[str, os.PathLike]
 
@@ -74,8 +75,6 @@ class ResultFiles:
 
     def json(self, name: str, obj: Any, indent: Optional[int] = 1) -> Path:
         """Write ``obj`` as ``name``; long official result lists go on one line (``indent=None``)."""
-        from tasks.evaluate_cli import write_json
-
         return write_json(self.folder / name, obj, indent=indent)
 
 

@@ -10,6 +10,7 @@
   with ``--config configs/trainer/cpu-ddp.yaml``. ``scripts/ddp_smoke.py`` runs every config.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -163,6 +164,22 @@ def test_vqa_config_trains_with_cpu_ddp(tmp_path):
     assert ckpt.is_file()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
+    # evaluation of that checkpoint on 2 processes (the run's saved config: cpu-ddp) and on one:
+    # the same official result file, the same metrics
+    runs = {}
+    for name, extra in (("two", []), ("one", ["--trainer.devices", "1", "--trainer.strategy", "auto"])):
+        cmd = [sys.executable, "-m", "tasks.cli", "evaluate", "vqa", "--ckpt", str(ckpt), "--out", str(tmp_path / name),
+               *extra]
+        res = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-12000:]
+        runs[name] = json.loads(res.stdout)  # rank 0 alone prints: stdout is one JSON object
+        assert ("MEMBER: 2/2" in res.stderr) == (name == "two"), res.stderr[-3000:]
+    assert runs["two"] == runs["one"] and runs["one"]["vqa_num_questions"] > 0
+    for f in ("vqa_results.json", "vqa_scores.json", "metrics.json"):
+        assert (tmp_path / "two" / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+    questions = json.loads(Path(cfg["model"]["init_args"]["eval_questions"]).read_text())["questions"]
+    results = json.loads((tmp_path / "two" / "vqa_results.json").read_text())
+    assert sorted(r["question_id"] for r in results) == sorted(q["question_id"] for q in questions)
 
 
 def _gradient_coverage():

@@ -174,7 +174,7 @@ def test_finetuned_on_builtin_beats_random_ranking(builtin, finetuned, tmp_path,
 
     out = tmp_path / "eval"
     assert main(["evaluate", "retrieval", "--config", finetuned["config"], "--ckpt", finetuned["ckpt"],
-                 "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+                 "--split", "test", "--out", str(out), "--trainer.accelerator", "cpu"]) == 0
     capsys.readouterr()
     m = json.loads((out / "metrics.json").read_text())
     res = json.loads((out / "retrieval_results.json").read_text())
