@@ -16,8 +16,11 @@ With --compare (make quickstart COMPARE=1) the dense and SMoE backbones of the s
 (mmmoe.models.registry variants, derived with the parity solver) go through the same data and
 steps, and the table shows them side by side.
 
-Each stage is the same code as the command-line tools; the equivalent commands are printed as the
-stages run. Runs on CPU in about 10 minutes with the defaults (2 cores), on a GPU when present.
+Each stage runs the shipped config (configs/pretrain/tiny.yaml, configs/finetune/<task>.yaml) through
+the same entry points as the commands a user types (`mmmoe fit`, `mmmoe evaluate`, in this process),
+and prints that exact command first. The configs are copied to <out>/<variant>/configs/ with their run
+folders (and --data, when not data/synth) moved, so every printed command runs as shown. Runs on CPU
+in about 20 minutes with the defaults (2 cores), on a GPU when present.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -54,21 +56,47 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
 
 
-def make_trainer(root: Path, name: str, max_steps: int, args: argparse.Namespace):
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import TQDMProgressBar
-    from pytorch_lightning.loggers import CSVLogger
+def stage_config(shipped: str, run_dir: Path, args: argparse.Namespace) -> Path:
+    """A copy of the shipped config ``shipped`` (repository-relative) with its run folder moved to
+    ``run_dir`` and the built-in data folder to ``--data``, written to ``<run_dir>/../configs/``."""
+    import yaml
 
-    from tasks.base import AtomicCheckpointIO
-    from tasks.fit_cli import resolve_precision
+    from tasks.fit_cli import replace_in_config
 
-    return pl.Trainer(
-        accelerator=args.accelerator, devices=1, precision=resolve_precision("auto", args.accelerator),
-        max_steps=max_steps, logger=CSVLogger(str(root), name=name, version=""), enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[TQDMProgressBar(refresh_rate=10)], gradient_clip_val=1.0,
-        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10, plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(root),
-    )
+    cfg = yaml.safe_load((ROOT / shipped).read_text(encoding="utf-8"))
+    cfg = replace_in_config(cfg, cfg["trainer"]["default_root_dir"], str(run_dir))
+    if Path(args.data) != Path("data/synth"):
+        cfg = replace_in_config(cfg, "data/synth", str(args.data))
+    path = run_dir.parent / "configs" / Path(shipped).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {shipped}, run folder {run_dir}" + (f", data {args.data}" if Path(args.data) != Path("data/synth")
+                    else "") + " (written by scripts/quickstart.py)\n" + yaml.safe_dump(cfg, sort_keys=False),
+                    encoding="utf-8")
+    return path
+
+
+def run_command(argv: List[str], label: str, **kwargs: Any) -> Any:
+    """Print ``mmmoe <argv>`` and run it in this process; returns what the entry point returns."""
+    import shlex
+
+    _say(f"{label}: mmmoe {' '.join(shlex.quote(a) for a in argv)}")
+    if argv[0] == "evaluate":
+        from tasks.cli import build_parser
+        from tasks.evaluate_cli import evaluate
+
+        ns, extra = build_parser().parse_known_args(argv)
+        return evaluate(ns.task, ns.ckpt, ns.split, ns.out, ns.configs, extra)
+    from tasks.fit_cli import run_cli
+
+    return run_cli(argv, **kwargs)
+
+
+def common_overrides(args: argparse.Namespace, variant: str, steps: int, lr: float) -> List[str]:
+    return ["--seed_everything", str(args.seed), "--trainer.accelerator", args.accelerator,
+            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+            "--model.init_args.backbone.variant", variant, "--model.init_args.optim.lr", str(lr),
+            "--model.init_args.optim.warmup_steps", str(min(100, steps // 10)),
+            "--data.init_args.batch_size", str(args.batch_size), "--data.init_args.num_workers", str(args.workers)]
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -104,27 +132,14 @@ def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
 
 
 def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Namespace):
-    """Returns the checkpoint path and the trained module."""
-    from data_pipelines.datamodules import PretrainDataModule
-    from tasks.pretrain import PretrainModule
-
-    s = paths["shards"]
-    _say(f"[{variant}] pretraining {args.pretrain_steps} steps  (mmmoe fit --config configs/pretrain/tiny.yaml "
-         f"--model.init_args.variant {variant} --trainer.max_steps {args.pretrain_steps})")
-    module = PretrainModule(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=args.pretrain_lr,
-                            warmup_steps=min(100, args.pretrain_steps // 10))
-    dm = PretrainDataModule(
-        tokenizer=str(paths["tokenizer"]), image_text=str(s / "pretrain-image-text.manifest.json"),
-        image=str(s / "pretrain-image.manifest.json"), text={"en": str(s / "pretrain-text-en.manifest.json")},
-        batch_size=args.batch_size, image_size=args.image_size_model, patch_size=16, max_len=40, text_max_len=40,
-        epoch_samples=args.batch_size * max(1, args.pretrain_steps), shuffle_buffer=500,
-        num_workers=args.workers, pin_memory=False,
-    )
-    trainer = make_trainer(out, "pretrain", args.pretrain_steps, args)
-    trainer.fit(module, datamodule=dm)
-    ckpt = out / "pretrain.ckpt"
-    trainer.save_checkpoint(str(ckpt), weights_only=True)
-    return ckpt, module
+    """Returns the last checkpoint, the trained module and its CSV log."""
+    run_dir = out / "pretrain"
+    cfg = stage_config("configs/pretrain/tiny.yaml", run_dir, args)
+    argv = ["fit", "--config", str(cfg), *common_overrides(args, variant, args.pretrain_steps, args.pretrain_lr),
+            "--data.init_args.epoch_samples", str(args.batch_size * max(1, args.pretrain_steps))]
+    cli = run_command(argv, f"[{variant}] pretraining {args.pretrain_steps} steps")
+    csv = next((lg.log_dir for lg in cli.trainer.loggers if type(lg).__name__ == "CSVLogger"), None)
+    return run_dir / "checkpoints" / "last.ckpt", cli.model, Path(csv) / "metrics.csv" if csv else None
 
 
 def expert_activation(backbone, paths: Dict[str, Path], args: argparse.Namespace, batches: int = 8):
@@ -152,64 +167,25 @@ def expert_activation(backbone, paths: Dict[str, Path], args: argparse.Namespace
     return stats
 
 
+FINETUNE_SPLIT = {"vqa": "val", "nlvr2": "val", "caption": "test", "retrieval": "test"}
+
+
 def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Path], out: Path,
              args: argparse.Namespace) -> Dict[str, float]:
-    s = paths["shards"]
-    tdir = out / task
+    """``mmmoe fit`` of configs/finetune/<task>.yaml from the pretraining checkpoint, then ``mmmoe
+    evaluate`` of its last checkpoint on the held-out split; returns the metrics."""
+    run_dir = out / task
     steps = {"vqa": args.vqa_steps, "nlvr2": args.nlvr2_steps, "caption": args.caption_steps,
              "retrieval": args.retrieval_steps}[task]
     lr = {"vqa": args.vqa_lr, "nlvr2": args.nlvr2_lr, "caption": args.caption_lr, "retrieval": args.retrieval_lr}[task]
-    common = dict(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=lr,
-                  warmup_steps=min(100, steps // 10), init_from=str(ckpt) if ckpt else None)
-    data_common = dict(tokenizer=str(paths["tokenizer"]), batch_size=args.batch_size, image_size=args.image_size_model,
-                       max_len=40, shuffle_buffer=500, num_workers=args.workers, pin_memory=False)
-    cfg = task
-    _say(f"[{variant}] fine-tuning {task} {steps} steps  (mmmoe fit --config configs/finetune/{cfg}.yaml "
-         f"--model.init_args.init_from {ckpt} --trainer.max_steps {steps})")
-    if task == "vqa":
-        from data_pipelines.datamodules import VQADataModule
-        from tasks.vqa import VQAModule
-
-        vocab = tdir / "answer_vocab.json"
-        module = VQAModule(answer_vocab=str(vocab), train_annotations=str(paths["vqa_train_ann"]), min_answer_freq=1,
-                           eval_questions=str(paths["vqa_val_q"]), eval_annotations=str(paths["vqa_val_ann"]), **common)
-        dm = VQADataModule(answer_vocab=str(vocab), train=str(s / "vqa-train2014.manifest.json"),
-                           val=str(s / "vqa-val2014.manifest.json"), **data_common)
-        split = "val"
-    elif task == "nlvr2":
-        from data_pipelines.datamodules import NLVR2DataModule
-        from tasks.nlvr2 import NLVR2Module
-
-        module = NLVR2Module(eval_data=str(paths["nlvr2_dev"]), train_data=str(paths["nlvr2_train"]), **common)
-        dm = NLVR2DataModule(train=str(s / "nlvr2-train.manifest.json"), val=str(s / "nlvr2-dev.manifest.json"),
-                             **data_common)
-        split = "val"
-    elif task == "retrieval":
-        from data_pipelines.datamodules import CaptionDataModule
-        from tasks.retrieval import RetrievalModule
-
-        module = RetrievalModule(pooling="mean", **common)
-        dm = CaptionDataModule(train=str(s / "caption-train.manifest.json"), val=str(s / "caption-val.manifest.json"),
-                               test=str(s / "caption-test.manifest.json"), **data_common)
-        split = "test"
-    else:
-        from data_pipelines.datamodules import CaptionDataModule
-        from tasks.captioning import CaptionModule
-
-        module = CaptionModule(eval_coco=str(paths["coco"]), eval_split="test", **common)
-        data_common["max_len"] = module.hparams.max_len  # one caption length for training and decoding
-        dm = CaptionDataModule(train=str(s / "caption-train.manifest.json"), val=str(s / "caption-val.manifest.json"),
-                               test=str(s / "caption-test.manifest.json"), **data_common)
-        split = "test"
-    trainer = make_trainer(out, task, steps, args)
-    trainer.fit(module, datamodule=dm)
-    trainer.save_checkpoint(str(tdir / "model.ckpt"), weights_only=True)
-    _say(f"[{variant}] evaluating {task} on the held-out {split} split  (mmmoe evaluate {task} --config "
-         f"configs/finetune/{cfg}.yaml --ckpt {tdir / 'model.ckpt'} --split {split})")
-    dm.setup("test" if split == "test" else "validate")
-    metrics = module.evaluate_split(dm, split, str(tdir))
-    (tdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    cfg = stage_config(f"configs/finetune/{task}.yaml", run_dir, args)
+    argv = ["fit", "--config", str(cfg), *common_overrides(args, variant, steps, lr)]
+    if ckpt is not None:
+        argv += ["--model.init_args.init_from", str(ckpt)]
+    run_command(argv, f"[{variant}] fine-tuning {task} {steps} steps")
+    split = FINETUNE_SPLIT[task]
+    return run_command(["evaluate", task, "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--split", split,
+                        "--out", str(run_dir)], f"[{variant}] evaluating {task} on the held-out {split} split")
 
 
 def run_variant(variant: str, paths: Dict[str, Path], args: argparse.Namespace) -> Dict[str, Any]:
@@ -217,9 +193,9 @@ def run_variant(variant: str, paths: Dict[str, Path], args: argparse.Namespace) 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     times: Dict[str, float] = {}
-    ckpt, module = pretrain(variant, paths, out, args) if args.pretrain_steps > 0 else (None, None)
+    ckpt, module, csv = pretrain(variant, paths, out, args) if args.pretrain_steps > 0 else (None, None, None)
     times["pretrain_s"] = time.perf_counter() - t0
-    res: Dict[str, Any] = {"variant": variant}
+    res: Dict[str, Any] = {"variant": variant, "pretrain_csv": str(csv) if csv else None}
     if module is not None and variant != "dense":
         stats = expert_activation(module.backbone, paths, args)
         res["activation"] = {k: v.tolist() for k, v in stats.ratios().items()}
@@ -371,8 +347,8 @@ def main(argv=None) -> int:
         activation_heatmap({k: np.asarray(v) for k, v in runs[0]["activation"].items()}, out / "activation_heatmap.png",
                            threshold=args.activation_threshold,
                            title=f"{VARIANT_LABELS[runs[0]['variant']]}: expert activation ratio after pretraining")
-    csvs = {VARIANT_LABELS[r["variant"]]: out / r["variant"] / "pretrain" / "metrics.csv" for r in runs}
-    if all(p.is_file() for p in csvs.values()):
+    csvs = {VARIANT_LABELS[r["variant"]]: Path(r["pretrain_csv"]) for r in runs if r.get("pretrain_csv")}
+    if csvs and len(csvs) == len(runs) and all(p.is_file() for p in csvs.values()):
         from tasks.plots import loss_curves
 
         results["pretrain_curves"] = str(loss_curves(
