@@ -437,7 +437,7 @@ class CaptionModule(MMMoEModule):
     def predict_one(self, image_path: str, **decoding: Any) -> Dict[str, str]:
         """Caption one image file (eval transform at the model's image size, ImageNet
         normalisation, as the data modules do); ``decoding`` overrides beam_size etc."""
-        from tasks.evaluate_cli import load_image
+        from tasks.inputs import load_image
 
         image = load_image(image_path, self.config.image_size).to(self.device)
         return {"caption": self.caption_images(image, **decoding)[0]}

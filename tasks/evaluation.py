@@ -33,8 +33,10 @@ from typing import Any, Dict, List, Optional, Union
 import pytorch_lightning as pl
 import torch
 
-from tasks.evaluate_cli import SPLITS, write_json
+from tasks.evaluate_cli import write_json
 
+#: the splits an evaluation reads (the choices of ``mmmoe evaluate --split``)
+SPLITS = ("val", "test")
 RESULT_NAME = "metrics.json"
 PathLike = Union[str, os.PathLike]
 

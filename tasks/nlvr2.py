@@ -189,7 +189,7 @@ class NLVR2Module(MMMoEModule):
     def predict_one(self, image_path: Union[str, os.PathLike], sentence: str,
                     right_image: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
         """Is ``sentence`` true of (``image_path``, ``right_image``)? {"sentence", "prediction", "p_true"}."""
-        from tasks.evaluate_cli import encode_text_batch, load_image
+        from tasks.inputs import encode_text_batch, load_image
 
         if right_image is None:
             raise ValueError("predict nlvr2 needs two images: --image LEFT and --right-image RIGHT")

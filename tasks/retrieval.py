@@ -152,7 +152,7 @@ class RetrievalModule(MMMoEModule):
     def eval_records(self, batch: Mapping[str, Any]) -> List[Dict[str, Any]]:
         """Per image of the batch: ``{"image_id", "embedding", "captions", "text_embeddings"}`` (its
         first ``captions_per_image`` captions; embeddings as float lists)."""
-        from tasks.evaluate_cli import encode_text_batch
+        from tasks.inputs import encode_text_batch
 
         caps = batch.get("captions")
         if caps is None:
@@ -209,7 +209,7 @@ class RetrievalModule(MMMoEModule):
     def predict_one(self, image_path: Union[str, os.PathLike], texts: Sequence[str]) -> Dict[str, Any]:
         """Rank ``texts`` for the image file: {"ranking": [{"text", "score", "probability"}], best first}
         (score: cosine similarity; probability: softmax over the given texts at the learned temperature)."""
-        from tasks.evaluate_cli import encode_text_batch, load_image
+        from tasks.inputs import encode_text_batch, load_image
 
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise ValueError("predict retrieval needs --texts with at least one non-empty text")

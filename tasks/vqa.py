@@ -308,7 +308,7 @@ class VQAModule(MMMoEModule):
     @torch.no_grad()
     def predict_one(self, image_path: Union[str, os.PathLike], question: str, top_k: int = 5) -> Dict[str, Any]:
         """Answer ``question`` about the image file: {"question", "answer", "score", "top": [{"answer", "score"}]}."""
-        from tasks.evaluate_cli import encode_text_batch, load_image
+        from tasks.inputs import encode_text_batch, load_image
 
         if not isinstance(question, str) or not question.strip():
             raise ValueError("predict vqa needs a non-empty --question")

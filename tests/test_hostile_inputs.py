@@ -13,7 +13,7 @@ import pytest
 from data_pipelines import hostile as H
 from data_pipelines import shards as S
 from tasks.cli import main
-from tasks.evaluate_cli import load_image
+from tasks.inputs import load_image
 
 JPEG = H.jpeg(H.pixels(0, 8, 8))
 
