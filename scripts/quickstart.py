@@ -106,13 +106,15 @@ def prepare_data(args: argparse.Namespace) -> Dict[str, Path]:
 def pretrain(variant: str, paths: Dict[str, Path], out: Path, args: argparse.Namespace):
     """Returns the checkpoint path and the trained module."""
     from data_pipelines.datamodules import PretrainDataModule
+    from mmmoe.models import BackboneSpec
+    from tasks.base import OptimSpec
     from tasks.pretrain import PretrainModule
 
     s = paths["shards"]
     _say(f"[{variant}] pretraining {args.pretrain_steps} steps  (mmmoe fit --config configs/pretrain/tiny.yaml "
-         f"--model.init_args.variant {variant} --trainer.max_steps {args.pretrain_steps})")
-    module = PretrainModule(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=args.pretrain_lr,
-                            warmup_steps=min(100, args.pretrain_steps // 10))
+         f"--model.init_args.backbone.variant {variant} --trainer.max_steps {args.pretrain_steps})")
+    module = PretrainModule(backbone=BackboneSpec("tiny", variant), tokenizer=str(paths["tokenizer"]),
+                            optim=OptimSpec(lr=args.pretrain_lr, warmup_steps=min(100, args.pretrain_steps // 10)))
     dm = PretrainDataModule(
         tokenizer=str(paths["tokenizer"]), image_text=str(s / "pretrain-image-text.manifest.json"),
         image=str(s / "pretrain-image.manifest.json"), text={"en": str(s / "pretrain-text-en.manifest.json")},
@@ -154,13 +156,16 @@ def expert_activation(backbone, paths: Dict[str, Path], args: argparse.Namespace
 
 def finetune(task: str, variant: str, ckpt: Optional[Path], paths: Dict[str, Path], out: Path,
              args: argparse.Namespace) -> Dict[str, float]:
+    from mmmoe.models import BackboneSpec
+    from tasks.base import OptimSpec
+
     s = paths["shards"]
     tdir = out / task
     steps = {"vqa": args.vqa_steps, "nlvr2": args.nlvr2_steps, "caption": args.caption_steps,
              "retrieval": args.retrieval_steps}[task]
     lr = {"vqa": args.vqa_lr, "nlvr2": args.nlvr2_lr, "caption": args.caption_lr, "retrieval": args.retrieval_lr}[task]
-    common = dict(model="tiny", variant=variant, tokenizer=str(paths["tokenizer"]), lr=lr,
-                  warmup_steps=min(100, steps // 10), init_from=str(ckpt) if ckpt else None)
+    common = dict(backbone=BackboneSpec("tiny", variant), tokenizer=str(paths["tokenizer"]),
+                  optim=OptimSpec(lr=lr, warmup_steps=min(100, steps // 10)), init_from=str(ckpt) if ckpt else None)
     data_common = dict(tokenizer=str(paths["tokenizer"]), batch_size=args.batch_size, image_size=args.image_size_model,
                        max_len=40, shuffle_buffer=500, num_workers=args.workers, pin_memory=False)
     cfg = task

@@ -17,7 +17,7 @@ from tasks.vqa import VQAModule
 from tests.test_vqa import make_task_data, one_thread, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(model="tiny", variant="dense", model_args={"depth": 1})
+SMALL = dict(backbone=dict(preset="tiny", variant="dense", depth=1))
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -299,12 +299,12 @@ def test_finetune_config_fit_then_evaluate(task, setup, tmp_path, capsys):
     cfg = tmp_path / f"{task}.yaml"
     cfg.write_text(text)
     parsed = read_config(cfg)
-    assert parsed["model"]["init_args"]["model"] == "tiny"
+    assert parsed["model"]["init_args"]["backbone"]["preset"] == "tiny"
     with one_thread():
         rc = main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.accelerator", "cpu",
                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                   "--data.init_args.num_workers", "0", "--model.init_args.model_args", '{"depth": 1}',
-                   "--model.init_args.variant", "dense"])
+                   "--data.init_args.num_workers", "0", "--model.init_args.backbone.depth", "1",
+                   "--model.init_args.backbone.variant", "dense"])
     assert rc == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
