@@ -374,6 +374,11 @@ class MMMoECLI(LightningCLI):
             self.config = parser.parse_args(args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.epilog = (
+            "Model fields: --model.help CLASS (e.g. tasks.vqa.VQAModule) lists every argument of a task module, "
+            "backbone.* (mmmoe.models.BackboneSpec: preset, variant, any ModelConfig field; backbone.moe.*: any "
+            "MoEConfig field) and optim.* (tasks.base.OptimSpec: lr, weight_decay, betas, eps, warmup_steps, "
+            "min_lr_ratio); set them as --model.init_args.backbone.depth 2 or in YAML.")
         parser.add_argument(
             "--builtin_data", type=Optional[str], default=BUILTIN_ROOT,
             help="Folder of the built-in dataset: configured model/data paths under it that are missing "

@@ -176,6 +176,9 @@ def test_fit_help(capsys):
     out = capsys.readouterr().out
     for option in ("--config", "--trainer.precision", "--builtin_data", "--ckpt_path", "--model", "--data"):
         assert option in out, option
+    # where the model's fields are listed (tests/test_typed_config.py checks that listing)
+    text = " ".join(out.split())
+    assert "--model.help CLASS" in text and "backbone.moe.*" in text and "optim.*" in text
 
 
 def test_precision_auto(monkeypatch):
