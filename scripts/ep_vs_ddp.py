@@ -40,7 +40,8 @@ def write_config(out: Path, data: Path, name: str, steps: int) -> Path:
     cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
     cfg = swap(swap(cfg, "data/synth", str(data)), "runs/pretrain-tiny", str(out / name))
     cfg["builtin_data"] = str(data)
-    cfg["model"]["init_args"].update(model_args={"depth": 2}, lr=3e-3, warmup_steps=5)
+    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg["model"]["init_args"]["optim"].update(lr=3e-3, warmup_steps=5)
     cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
     t = cfg["trainer"]
     # no validation in the 2-process runs: the small held-out set is one shard, which one rank would

@@ -50,6 +50,8 @@ def main() -> int:
     from data_pipelines.builtin import make_builtin_dataset
     from data_pipelines.datamodules import NLVR2DataModule, VQADataModule
     from data_pipelines.tokenizer import train_tokenizer
+    from mmmoe.models import BackboneSpec
+    from tasks.base import OptimSpec
     from tasks.nlvr2 import NLVR2Module
     from tasks.vqa import VQAModule
 
@@ -62,8 +64,8 @@ def main() -> int:
     if not tok.is_file():
         train_tokenizer([data / "text"], data / "tokenizer", vocab_size=1000)
     shards, vqav2, nlvr2 = data / "shards", data / "vqav2", data / "nlvr2"
-    common = dict(model=ns.model, variant=ns.variant, tokenizer=str(tok), lr=ns.lr, weight_decay=0.01,
-                  warmup_steps=100, min_lr_ratio=0.1)
+    common = dict(backbone=BackboneSpec(ns.model, ns.variant), tokenizer=str(tok),
+                  optim=OptimSpec(lr=ns.lr, weight_decay=0.01, warmup_steps=100, min_lr_ratio=0.1))
     loader = dict(batch_size=ns.batch_size, image_size=64, max_len=40, num_workers=0, pin_memory=False)
     summary = {"num_images": ns.num_images, "model": ns.model, "variant": ns.variant, "threads": ns.threads,
                "data_seconds": round(time.time() - t0, 1)}

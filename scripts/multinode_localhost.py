@@ -38,7 +38,8 @@ def write_config(out: Path, data: Path, steps: int) -> Path:
     cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
     cfg = swap(swap(cfg, "data/synth", str(data)), "runs/pretrain-tiny", str(out / "run"))
     cfg["builtin_data"] = str(data)
-    cfg["model"]["init_args"].update(model_args={"depth": 2}, warmup_steps=2)
+    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg["model"]["init_args"]["optim"]["warmup_steps"] = 2
     cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
     t = cfg["trainer"]
     t.update(max_steps=steps, limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False,

@@ -2,19 +2,23 @@
 warmup + cosine schedule, MoE loss and routing-statistics logging, aux-loss-free balancing updates,
 safe loading of pretrained weights, and atomic checkpoint writes.
 
-Hyperparameters are plain types only (strings, numbers, dicts), so checkpoints load with
-``torch.load(weights_only=True)`` and ``load_from_checkpoint`` rebuilds the module.
+The backbone and the optimisation settings are typed dataclasses (``mmmoe.models.BackboneSpec``,
+``OptimSpec``), so ``mmmoe fit --model.help <task class>`` lists and checks every field.
+Hyperparameters are plain types only (strings, numbers, dicts: the specs as dicts), so checkpoints
+load with ``torch.load(weights_only=True)`` and ``load_from_checkpoint`` rebuilds the module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,7 +26,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
-from mmmoe.models import BackboneOutput, MultiwayTransformer, create_model
+from mmmoe.models import BackboneOutput, BackboneSpec, MultiwayTransformer, create_model
 from mmmoe.models.multiway_transformer import INPUT_KINDS
 from mmmoe.moe import MHMoE
 
@@ -181,6 +185,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # ------------------------------------------------------------------------------ optimisation
+@dataclass
+class OptimSpec:
+    """AdamW with linear warmup and cosine decay (``model.init_args.optim``)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not on biases, norms, embeddings, positions and tokens)."""
+    betas: Tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup steps; then cosine decay to min_lr_ratio * lr at the last step (the Trainer's
+    max_steps, or its estimated stepping batches)."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of lr (1.0 = constant after warmup)."""
+
+    def __post_init__(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"OptimSpec.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        def number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not number(self.lr) or self.lr <= 0:
+            fail("lr", "must be a number > 0")
+        if not number(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "must be a number >= 0")
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
+                number(b) and 0 <= b < 1 for b in self.betas):
+            fail("betas", "must be two numbers in [0, 1)")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if not number(self.eps) or self.eps <= 0:
+            fail("eps", "must be a number > 0")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            fail("warmup_steps", "must be an integer >= 0")
+        if not number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", "must be a number in [0, 1]")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain types only (betas as a list), for checkpoints and YAML."""
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def coerce(cls, value: Union["OptimSpec", Mapping[str, Any], None]) -> "OptimSpec":
+        """A new spec from a spec, a mapping of its fields (what checkpoints hold) or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            value = value.to_dict()
+        if not isinstance(value, Mapping):
+            raise ValueError(f"optim={value!r} is invalid: must be an OptimSpec or a mapping of its fields")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"OptimSpec: unknown field(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**value)
+
+
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> List[Dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms (1-D tensors), embeddings, positions and tokens."""
     skip = set(skip)
@@ -255,19 +321,67 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+# ------------------------------------------------------------------------------ hyperparameters
+def init_parameters(cls: type) -> Dict[str, inspect.Parameter]:
+    """The keyword arguments ``cls(...)`` accepts: its ``__init__``'s and, while a class passes
+    ``**kwargs`` on to ``super().__init__``, its base classes' (as LightningCLI resolves them)."""
+    out: Dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        forwards = False
+        for name, p in inspect.signature(init).parameters.items():
+            if p.kind is p.VAR_KEYWORD:
+                forwards = True
+            elif name != "self" and p.kind is not p.VAR_POSITIONAL:
+                out.setdefault(name, p)
+        if not forwards:
+            break
+    return out
+
+
+def upgrade_hparams(hp: Mapping[str, Any]) -> Dict[str, Any]:
+    """Hyperparameters of a checkpoint written before the typed specs (``model``, ``variant``,
+    ``model_args``, ``lr``, ``warmup_steps`` ... as separate arguments) in today's layout
+    (``backbone``, ``optim``); anything else is returned as it is."""
+    hp = dict(hp)
+    optim_keys = [f.name for f in fields(OptimSpec)]
+    if "backbone" in hp or not ({"model_args", "variant", *optim_keys} & set(hp) or isinstance(hp.get("model"), str)):
+        return hp
+    backbone = dict(hp.pop("model_args", None) or {})
+    if "moe" in backbone:
+        if backbone["moe"] is None:  # dense
+            backbone.pop("moe")
+            hp["variant"] = "dense"
+        else:
+            backbone["moe"] = {k: v for k, v in dict(backbone["moe"]).items() if k != "d_model"}
+    if "model" in hp:
+        backbone["preset"] = hp.pop("model")
+    if hp.get("variant") is not None:
+        backbone["variant"] = hp["variant"]
+    hp.pop("variant", None)
+    hp["backbone"] = backbone
+    hp["optim"] = {k: hp.pop(k) for k in optim_keys if k in hp}
+    return hp
+
+
 # ------------------------------------------------------------------------------ the base module
 class MMMoEModule(pl.LightningModule):
     """Base LightningModule: builds ``self.backbone`` and owns optimisation and MoE logging.
 
+    Subclasses declare only their own arguments and pass the rest on (``**kwargs`` to
+    ``super().__init__``); LightningCLI follows that and lists and checks these arguments for every
+    task (``mmmoe fit --model.help tasks.vqa.VQAModule``). The base records the arguments of the
+    whole class chain as hyperparameters, the specs as plain dicts (``save_hyperparameters``), so
+    checkpoints load weights-only and ``load_from_checkpoint`` rebuilds the module.
+
     Args:
-        model: preset name (``mmmoe.models.list_models()``).
-        variant: FFN variant: dense, smoe, fine-grained, mhmoe-h2 (default), mhmoe-h3.
-        model_args: overrides of ModelConfig fields (strict); ``moe`` may be a dict of MoEConfig
-            fields merged into the variant's.
-        tokenizer: path of the SentencePiece model; sets ``vocab_size`` from it when given.
-        lr, weight_decay, betas, eps: AdamW.
-        warmup_steps: linear warmup; then cosine decay to ``min_lr_ratio * lr`` at the last step
-            (``max_steps`` of the Trainer, or its estimated stepping batches).
+        backbone: the backbone: preset, variant and overrides of any ModelConfig / MoEConfig field
+            (``mmmoe.models.BackboneSpec``, or a dict of its fields).
+        optim: AdamW and its warmup + cosine schedule (``OptimSpec``, or a dict of its fields).
+        tokenizer: path of the SentencePiece model; sets the vocabulary size from it unless
+            backbone.vocab_size is given.
         init_from: a checkpoint (Lightning .ckpt, state dict or .safetensors) whose matching
             weights initialise the module (fine-tuning); loaded weights-only.
     """
@@ -292,30 +406,51 @@ class MMMoEModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
+        backbone: BackboneSpec = BackboneSpec(),
+        optim: OptimSpec = OptimSpec(),
         tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
         init_from: Optional[str] = None,
     ):
         super().__init__()
-        args = dict(model_args or {})
+        spec, optim = BackboneSpec.coerce(backbone), OptimSpec.coerce(optim)
         self.tokenizer_path = tokenizer
-        if tokenizer is not None and "vocab_size" not in args:
+        extra = {}
+        if tokenizer is not None and spec.vocab_size is None:
             from data_pipelines.tokenizer import Tokenizer
 
-            args["vocab_size"] = Tokenizer(tokenizer).vocab_size
-        self.backbone: MultiwayTransformer = create_model(model, variant, **args)
+            extra["vocab_size"] = Tokenizer(tokenizer).vocab_size
+        self.backbone: MultiwayTransformer = create_model(spec, **extra)
+        self._base_hparams = dict(backbone=spec.to_dict(), optim=optim.to_dict(), tokenizer=tokenizer,
+                                  init_from=init_from)
+        self.save_hyperparameters(frame=inspect.currentframe())
         self.activation_stats = ExpertActivation()
         self._step_loads: Dict[str, Tensor] = {}
         self._step_tokens: Any = 0
         self._step_start: Optional[float] = None
+
+    def save_hyperparameters(self, *args: Any, ignore: Optional[Union[List[str], str]] = None,
+                             frame: Any = None, logger: bool = True) -> None:
+        """Lightning's, plus: called without ``args`` it records the constructor arguments of every
+        class in the chain (this one's included, defaults too, whichever ``__init__`` calls it),
+        with ``backbone`` and ``optim`` as plain dicts. The base calls it, so subclasses need not."""
+        if args:
+            return super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        from pytorch_lightning.utilities.parsing import collect_init_args
+
+        frame = frame or inspect.currentframe().f_back
+        hp: Dict[str, Any] = {}
+        for local_args in collect_init_args(frame, [], classes=(MMMoEModule,)):
+            hp.update(local_args)
+        hp.update(self._base_hparams)
+        for name in [ignore] if isinstance(ignore, str) else (ignore or []):
+            hp.pop(name, None)
+        super().save_hyperparameters(hp, logger=logger)
+        self._hparams_name = None  # load_from_checkpoint passes the saved keys as keyword arguments
+
+    @property
+    def optim_spec(self) -> OptimSpec:
+        """The optimisation settings (``hparams.optim``)."""
+        return OptimSpec.coerce(self.hparams["optim"])
 
     # subclasses call this at the end of their __init__, after building their heads
     def _finish_init(self) -> None:
@@ -367,7 +502,7 @@ class MMMoEModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        h = self.hparams
+        h = self.optim_spec
         groups = param_groups(self, h.weight_decay, skip={f"backbone.{n}" for n in self.backbone.no_weight_decay()})
         opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps, fused=self._fused_adamw())
         total = self._total_steps()

@@ -205,7 +205,9 @@ def _number(value: Any, kind: type, name: str) -> Any:
 class CaptionModule(MMMoEModule):
     """Image captioning (COCO Karpathy splits) on the multiway backbone.
 
-    Args (besides those of ``MMMoEModule``):
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
+    Args:
         tie_embeddings: the output projection shares the token embedding.
         label_smoothing: of the training loss (BEiT-3: 0.1); the validation loss has none.
         beam_size, max_len, length_penalty, length_penalty_style: decoding defaults (BEiT-3: 3,
@@ -226,17 +228,6 @@ class CaptionModule(MMMoEModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
         tie_embeddings: bool = True,
         label_smoothing: float = 0.1,
         beam_size: int = 3,
@@ -246,9 +237,9 @@ class CaptionModule(MMMoEModule):
         eval_coco: Optional[str] = None,
         eval_split: str = "test",
         cider_every_n_epochs: int = 0,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
+        super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
@@ -259,7 +250,6 @@ class CaptionModule(MMMoEModule):
             raise ValueError(f"length_penalty_style={length_penalty_style!r} is invalid: allowed {', '.join(PENALTY_STYLES)}")
         if eval_coco is not None and not Path(eval_coco).is_file():
             raise FileNotFoundError(f"eval_coco {eval_coco!r} does not exist (the Karpathy dataset_coco.json)")
-        self.save_hyperparameters()
         c = self.config
         tied = self.backbone.text_embed.token_embed if tie_embeddings else None
         self.head = TokenHead(c.dim, c.vocab_size, tied=tied, eps=c.norm_eps)

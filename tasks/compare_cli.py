@@ -167,7 +167,9 @@ def run_one(variant: str, seed: int, tag: str, data_kwargs: Dict[str, Any], args
     from pytorch_lightning.loggers import CSVLogger
 
     from data_pipelines.datamodules import TextDataModule
+    from mmmoe.models import BackboneSpec
     from mmmoe.models.registry import count_costs
+    from tasks.base import OptimSpec
     from tasks.fit_cli import MMMoETrainer
     from tasks.lm import CausalLMModule, MaskedLMModule
     from tasks.plots import read_csv_metrics
@@ -175,9 +177,8 @@ def run_one(variant: str, seed: int, tag: str, data_kwargs: Dict[str, Any], args
     pl.seed_everything(seed, workers=True, verbose=False)
     cls = CausalLMModule if args.task == "lm" else MaskedLMModule
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10)
-    module = cls(model=args.preset, variant=variant, model_args={"max_text_len": args.context},
-                 tokenizer=data_kwargs["tokenizer"], lr=args.lr, weight_decay=args.weight_decay,
-                 warmup_steps=warmup, min_lr_ratio=0.1)
+    module = cls(backbone=BackboneSpec(args.preset, variant, max_text_len=args.context), tokenizer=data_kwargs["tokenizer"],
+                 optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=warmup, min_lr_ratio=0.1))
     dm = TextDataModule(seed=seed, **data_kwargs)
     val_every = args.val_every if args.val_every is not None else max(1, args.steps // 5)
     run_dir.mkdir(parents=True, exist_ok=True)

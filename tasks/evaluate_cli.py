@@ -120,7 +120,7 @@ def load_task_module(task_or_cls: Union[str, type], ckpt_path: PathLike, map_loc
     ``UnsafeCheckpointError``), builds the class from the checkpoint's ``hyper_parameters`` (plain
     types; ``init_from`` is dropped) and loads ``state_dict`` strictly. Returns the module in eval mode.
     """
-    from tasks.base import extract_state_dict, load_state_file
+    from tasks.base import extract_state_dict, init_parameters, load_state_file, upgrade_hparams
     from tasks.export import is_model_folder, load_task_module_from_folder
 
     if is_model_folder(ckpt_path):  # a folder written by ``mmmoe export``
@@ -143,24 +143,24 @@ def load_task_module(task_or_cls: Union[str, type], ckpt_path: PathLike, map_loc
         if not same:
             raise ValueError(f"checkpoint {str(ckpt_path)!r} was written by {saved_class}, not {_class_path(cls)}: "
                              "wrong task?")
-    args = {k: v for k, v in hp.items() if not str(k).startswith("_")}
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(args) - set(params))
-        if unknown:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} hyper_parameters {unknown} are not arguments of "
-                             f"{cls.__name__}: is it a checkpoint of another task?")
+    args = upgrade_hparams({k: v for k, v in hp.items() if not str(k).startswith("_")})
+    params = init_parameters(cls)
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} hyper_parameters {unknown} are not arguments of "
+                         f"{cls.__name__}: is it a checkpoint of another task?")
     if "init_from" in params:
         args["init_from"] = None
     state = extract_state_dict(obj)
     tok = args.get("tokenizer")
     emb = state.get(TEXT_EMBEDDING)
-    if tok and not Path(tok).is_file() and emb is not None and "model_args" in params:
+    if tok and not Path(tok).is_file() and emb is not None and "backbone" in params:
         # the tokenizer only sets vocab_size at construction: take it from the weights instead, so a
         # checkpoint whose tokenizer moved still loads (text inputs then need --tokenizer / --set)
-        margs = dict(args.get("model_args") or {})
-        margs.setdefault("vocab_size", int(emb.shape[0]))
-        args["model_args"] = margs
+        backbone = dict(args.get("backbone") or {})
+        if backbone.get("vocab_size") is None:
+            backbone["vocab_size"] = int(emb.shape[0])
+        args["backbone"] = backbone
     module = cls(**args)
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -23,7 +23,6 @@ safetensors and JSON only. Nothing is unpickled on either path.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ def task_class_of(obj: Mapping[str, Any], task: Optional[str] = None, where: str
     """The task module class of a loaded checkpoint: ``task`` when given, else the class the
     checkpoint records (``mmmoe_task_class``, or LightningCLI's ``_class_path``), else the one task
     whose init arguments accept every saved hyperparameter and need a task-specific one."""
+    from tasks.base import init_parameters, upgrade_hparams
     from tasks.evaluate_cli import _import_class, resolve_task
 
     if task:
@@ -70,14 +70,14 @@ def task_class_of(obj: Mapping[str, Any], task: Optional[str] = None, where: str
     for spec in (obj.get(CLASS_KEY), hp.get("_class_path")):
         if isinstance(spec, str) and spec:
             return _import_class(spec)
-    keys = {k for k in hp if not str(k).startswith("_")}
+    keys = {k for k in upgrade_hparams(hp) if not str(k).startswith("_")}
     candidates = []
     for spec in all_tasks().values():
         try:
             cls = _import_class(spec)
         except ImportError:
             continue
-        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params = set(init_parameters(cls))
         if keys <= params:
             candidates.append((len(params - keys), cls))
     if not candidates:
@@ -251,11 +251,12 @@ def export(ckpt: PathLike, out_dir: PathLike, task: Optional[str] = None, metric
     heads = {n: m for n, m in module.named_children() if n != "backbone"}
     labels = list(getattr(module, "answers", None) or ([] if name != "nlvr2" else ["false", "true"]))
     run_config = find_run_config(ckpt, config)
+    backbone = hp.get("backbone") or {}
     info = {
-        "preset": hp.get("model"), "variant": hp.get("variant") or "mhmoe-h2", "task_class":
+        "preset": backbone.get("preset"), "variant": backbone.get("variant") or "mhmoe-h2", "task_class":
             f"{cls.__module__}:{cls.__qualname__}", "source_checkpoint": Path(ckpt).name,
         "hyper_parameters": hp, "metrics": find_metrics(ckpt, metrics), "data": data_manifests(run_config),
-        "parity": parity_row(module.config, hp.get("variant")),
+        "parity": parity_row(module.config, backbone.get("variant")),
     }
     card = model_card(name, {**info, "model_config": module.config.to_dict(), "head_names": list(heads),
                              "num_params": sum(p.numel() for p in module.parameters())})
@@ -276,6 +277,7 @@ def load_task_module_from_folder(folder: PathLike, task: Optional[Union[str, typ
     from the recorded hyperparameters (tokenizer = the folder's; data paths that do not exist here
     dropped) and loaded with the verified weights of ``from_pretrained``."""
     from mmmoe.models.pretrained import TOKENIZER_NAME, PretrainedFolderError, from_pretrained
+    from tasks.base import init_parameters, upgrade_hparams
     from tasks.evaluate_cli import _import_class, resolve_task
 
     pm = from_pretrained(folder)
@@ -285,17 +287,15 @@ def load_task_module_from_folder(folder: PathLike, task: Optional[Union[str, typ
         want = resolve_task(all_tasks().get(task, task) if isinstance(task, str) else task)
         if not issubclass(cls, want):
             raise ValueError(f"model folder {str(folder)!r} holds a {cfg['task']} model, not {task}")
-    args = dict(cfg.get("hyper_parameters") or {})
-    params = inspect.signature(cls.__init__).parameters
+    args = upgrade_hparams(cfg.get("hyper_parameters") or {})
+    params = init_parameters(cls)
     for k, v in list(args.items()):
         if k not in params:
             raise PretrainedFolderError(f"{folder}: hyperparameter {k!r} is not an argument of {cls.__name__}")
         if k != "tokenizer" and isinstance(v, str) and v.endswith(PATH_SUFFIXES) and not Path(v).exists():
             args[k] = None  # a data path of the training machine (ground truth for evaluation)
     args["tokenizer"] = str((Path(folder) / TOKENIZER_NAME).resolve()) if pm.tokenizer is not None else None
-    margs = dict(args.get("model_args") or {})
-    margs["vocab_size"] = pm.config.vocab_size
-    args["model_args"] = margs
+    args["backbone"] = {**(args.get("backbone") or {}), "vocab_size": pm.config.vocab_size}
     if "init_from" in params:
         args["init_from"] = None
     module = cls(**args)

@@ -4,7 +4,8 @@
     mmmoe fit --config configs/pretrain/tiny.yaml --config configs/model/smoe.yaml --config configs/trainer/cpu.yaml
     mmmoe fit --config configs/pretrain/tiny.yaml --ckpt_path last        # resume
     mmmoe fit --config configs/pretrain/tiny.yaml --trainer.max_steps 50 --data.init_args.batch_size 8
-    mmmoe fit --help ;  mmmoe fit --model.help tasks.pretrain.PretrainModule
+    mmmoe fit --config configs/pretrain/tiny.yaml --model.init_args.backbone.depth 2 --model.init_args.optim.lr 5e-4
+    mmmoe fit --help ;  mmmoe fit --model.help tasks.pretrain.PretrainModule   # every backbone / optim field
 
 The CLI runs in subclass mode: ``model:`` and ``data:`` take ``class_path`` + ``init_args`` (any
 ``tasks.base.MMMoEModule`` subclass and any LightningDataModule); ``trainer:`` takes the options of
@@ -29,7 +30,14 @@ base config says. What this CLI adds to the stock LightningCLI:
   ``mmmoe data synth``, its tokenizer ``tokenizer.model``, and the held-out image-text set
   ``shards/pretrain-image-text-val``). Set it to null to switch this off.
 * No ``--optimizer`` / ``--lr_scheduler`` options: the modules configure AdamW with warmup +
-  cosine themselves (``lr``, ``weight_decay``, ``warmup_steps`` ... under ``model.init_args``).
+  cosine themselves (``model.init_args.optim``: lr, weight_decay, warmup_steps ...,
+  ``tasks.base.OptimSpec``).
+* The backbone is ``model.init_args.backbone`` (``mmmoe.models.BackboneSpec``: preset, variant and
+  any ModelConfig field; ``backbone.moe``: any MoEConfig field); ``mmmoe fit --model.help
+  tasks.vqa.VQAModule`` lists every field of a task. Config files merge field by field, so a
+  fragment such as ``configs/model/smoe.yaml`` changes only the fields it names. A value that
+  parses but is invalid (``--model.init_args.backbone.dim -3``) is reported before anything is
+  built, naming the field.
 """
 
 from __future__ import annotations
@@ -47,11 +55,14 @@ from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning_fabric.plugins.precision.precision import _PRECISION_INPUT
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import SaveConfigCallback
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from tasks.base import AtomicCheckpointIO, MMMoEModule
 from tasks.robust import NonFiniteGuard, RNGStateCallback, newest_loadable_checkpoint
+
+# the field docstrings of dataclasses (BackboneSpec, OptimSpec) become their --help texts
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 BUILTIN_ROOT = "data/synth"
 #: what ``mmmoe data synth --out DIR`` uses when run without options
@@ -242,6 +253,31 @@ class MissingDataError(FileNotFoundError):
     """A configured path under the built-in data folder that cannot be generated."""
 
 
+class InvalidConfigError(ValueError):
+    """A value that parses but is invalid (e.g. ``model.init_args.backbone.dim: -3``)."""
+
+
+def check_model_specs(model: Any) -> None:
+    """Build the ``backbone`` / ``optim`` specs of a parsed ``model:`` section (a Namespace or
+    dict) so a wrong value is reported, naming its field, before anything is instantiated."""
+    from mmmoe.models import BackboneSpec
+    from tasks.base import OptimSpec
+
+    init = model.get("init_args") if hasattr(model, "get") else None
+    if init is None:
+        return
+    for key, spec in (("backbone", BackboneSpec), ("optim", OptimSpec)):
+        value = init.get(key)
+        if value is None:
+            continue
+        if isinstance(value, Namespace):
+            value = value.as_dict()
+        try:
+            spec.coerce(value)
+        except ValueError as exc:
+            raise InvalidConfigError(f"model.init_args.{key}: {exc}") from None
+
+
 def _strings(obj: Any) -> Iterable[str]:
     if isinstance(obj, str):
         yield obj
@@ -415,6 +451,11 @@ class MMMoECLI(LightningCLI):
             self.config = parser.parse_args(args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.epilog = (
+            "Model fields: --model.help CLASS (e.g. tasks.vqa.VQAModule) lists every argument of a task module, "
+            "backbone.* (mmmoe.models.BackboneSpec: preset, variant, any ModelConfig field; backbone.moe.*: any "
+            "MoEConfig field) and optim.* (tasks.base.OptimSpec: lr, weight_decay, betas, eps, warmup_steps, "
+            "min_lr_ratio); set them as --model.init_args.backbone.depth 2 or in YAML.")
         parser.add_argument(
             "--builtin_data", type=Optional[str], default=BUILTIN_ROOT,
             help="Folder of the built-in dataset: configured model/data paths under it that are missing "
@@ -424,6 +465,8 @@ class MMMoECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         values = {"model": cfg.get("model"), "data": cfg.get("data")}
+        if values["model"] is not None:
+            check_model_specs(values["model"])
         placeholders = sorted({v for v in _strings(values) if PLACEHOLDER in v})
         if placeholders:
             raise MissingDataError(
@@ -462,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         run_cli(args)
-    except MissingDataError as exc:
+    except (MissingDataError, InvalidConfigError) as exc:
         print(f"mmmoe {args[0] if args else ''}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -172,7 +172,7 @@ def check_text_positions(datamodule: Any, max_text_len: int) -> None:
     what = f"context={h['context']}" if h.get("context") is not None else f"max_len={h.get('max_len', n)}"
     raise ValueError(
         f"the data's sequences ({what}: {n} tokens) are longer than the model's text positions "
-        f"(max_text_len={max_text_len}): set model.init_args.model_args.max_text_len to at least {n}, "
+        f"(max_text_len={max_text_len}): set model.init_args.backbone.max_text_len to at least {n}, "
         f"or data.init_args.{what.split('=')[0]} to at most {max_text_len}"
     )
 
@@ -348,7 +348,9 @@ class _TextLMModule(MMMoEModule):
 class CausalLMModule(_TextLMModule):
     """English (or any) next-token language model on the language way.
 
-    Args (besides those of ``MMMoEModule``):
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
+    Args:
         tie_embeddings: the output projection shares the token embedding.
         label_smoothing: training loss smoothing (perplexities never use it).
     Data: ``TextDataModule`` with ``mlm_ratio: null``.
@@ -360,25 +362,13 @@ class CausalLMModule(_TextLMModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
         tie_embeddings: bool = True,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
+        super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters()
         self._build_head(tie_embeddings)
         self._finish_init()
 
@@ -426,25 +416,13 @@ class MaskedLMModule(_TextLMModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
         tie_embeddings: bool = True,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
+        super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters()
         self._build_head(tie_embeddings)
         self._finish_init()
 

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 class NLVR2Module(MMMoEModule):
     """NLVR2: backbone on both images in one 2B forward + ``NLVR2Head``; cross-entropy.
 
-    Args (besides those of ``MMMoEModule``):
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
+    Args:
         eval_data: labelled NLVR2 JSON lines of the "val" split (e.g. ``DIR/nlvr2/dev.json``).
         test_data: the same for the "test" split (e.g. ``test1.json``), when labelled.
         train_data: training JSON lines, only read for the majority-class baseline.
@@ -65,21 +67,9 @@ class NLVR2Module(MMMoEModule):
         train_data: Optional[str] = None,
         head_style: str = "beit3",
         head_init_scale: Optional[float] = None,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         self.head = NLVR2Head(self.config.dim, eps=self.config.norm_eps, style=head_style,
                               init_scale=head_init_scale)  # initialises itself
         # [false, true] training labels seen (the majority-class baseline when train_data is not given)

@@ -59,9 +59,9 @@ def split_kinds(batch: Mapping[str, Any]) -> Dict[str, Mapping[str, Any]]:
 class PretrainModule(MMMoEModule):
     """Masked language + masked image modelling on a multiway MH-MoE backbone.
 
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
     Args:
-        model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-            min_lr_ratio, init_from: see ``tasks.base.MMMoEModule``.
         tie_mlm_head: share the MLM output projection with the backbone's token embedding
             (``backbone.text_embed.token_embed``); the head then owns only a bias.
         image_text_mlm_weight: weight of the caption MLM loss of image-text batches.
@@ -84,33 +84,18 @@ class PretrainModule(MMMoEModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
         tie_mlm_head: bool = True,
         image_text_mlm_weight: float = 1.0,
         image_text_mim_weight: float = 1.0,
         image_mim_weight: float = 1.0,
         text_mlm_weight: float = 1.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
+        **kwargs: Any,
     ):
-        super().__init__(
-            model=model, variant=variant, model_args=model_args, tokenizer=tokenizer, lr=lr,
-            weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
-            min_lr_ratio=min_lr_ratio, init_from=init_from,
-        )
+        super().__init__(**kwargs)
         for name, w in (("image_text_mlm_weight", image_text_mlm_weight), ("image_text_mim_weight", image_text_mim_weight),
                         ("image_mim_weight", image_mim_weight), ("text_mlm_weight", text_mlm_weight)):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
                 raise ValueError(f"PretrainModule.{name}={w!r} is invalid: must be a number >= 0")
-        self.save_hyperparameters()
         c = self.config
         tied = self.backbone.text_embed.token_embed if tie_mlm_head else None
         self.mlm_head = TokenHead(c.dim, c.vocab_size, tied=tied, eps=c.norm_eps)
@@ -212,7 +197,7 @@ class PretrainModule(MMMoEModule):
             if key in h and h[key] is not None and h[key] > c.max_text_len:
                 raise ValueError(
                     f"data.{key}={h[key]} exceeds the model's max_text_len={c.max_text_len} "
-                    "(lower it, or raise model_args.max_text_len)"
+                    "(lower it, or raise model.init_args.backbone.max_text_len)"
                 )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Dict[str, Tensor]:

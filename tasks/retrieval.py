@@ -53,7 +53,9 @@ TOP_SAVED = 10
 class RetrievalModule(MMMoEModule):
     """Image-text retrieval: backbone as a dual encoder + ``RetrievalHead``; contrastive loss.
 
-    Args (besides those of ``MMMoEModule``):
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
+    Args:
         embed_dim: width of the shared embedding space (default: the model width).
         init_temperature: initial softmax temperature (CLIP / BEiT-3: 0.07); learned.
         pooling: ``cls`` (image CLS / text BOS, BEiT-3) or ``mean`` (mean of the patches / of the
@@ -68,27 +70,15 @@ class RetrievalModule(MMMoEModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
         embed_dim: Optional[int] = None,
         init_temperature: float = 0.07,
         pooling: str = "cls",
         captions_per_image: int = 5,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
+        super().__init__(**kwargs)
         if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
             raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
-        self.save_hyperparameters()
         self.head = RetrievalHead(self.config.dim, embed_dim, init_temperature, pooling)
         self.head.image_proj.apply(MultiwayTransformer._init_weights)
         self.head.text_proj.apply(MultiwayTransformer._init_weights)

@@ -134,7 +134,9 @@ def _as_list(x: Any) -> List[Any]:
 class VQAModule(MMMoEModule):
     """VQAv2: backbone + ``VQAHead``; BCE against soft scores.
 
-    Args (besides those of ``MMMoEModule``):
+    Takes the arguments of ``MMMoEModule`` (backbone, optim, tokenizer, init_from) and these.
+
+    Args:
         answer_vocab: list of answers or a JSON file path (built from ``train_annotations`` if missing).
         train_annotations: training annotation file(s): build the vocabulary and find the majority answer.
         min_answer_freq: minimum frequency of an answer to enter a built vocabulary (VQAv2: 9).
@@ -161,21 +163,9 @@ class VQAModule(MMMoEModule):
         eval_annotations: Optional[str] = None,
         test_questions: Optional[str] = None,
         test_annotations: Optional[str] = None,
-        model: str = "tiny",
-        variant: Optional[str] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        tokenizer: Optional[str] = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: Tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.01,
-        init_from: Optional[str] = None,
+        **kwargs: Any,
     ):
-        super().__init__(model, variant, model_args, tokenizer, lr, weight_decay, betas, eps, warmup_steps,
-                         min_lr_ratio, init_from)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} is invalid: allowed {', '.join(LOSS_REDUCTIONS)}")
         if isinstance(answer_vocab, (str, os.PathLike)):

@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from tasks.base import MMMoEModule
+from mmmoe.models import BackboneSpec
+from tasks.base import MMMoEModule, OptimSpec
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -29,16 +30,12 @@ class RegressionTask(MMMoEModule):
 
     backbone_inputs = ("image",)
 
-    def __init__(self, variant: str = "dense", lr: float = 3e-3, weight_decay: float = 0.05, betas=(0.9, 0.98),
-                 eps: float = 1e-6, warmup_steps: int = 1, min_lr_ratio: float = 0.1):
+    def __init__(self, variant: str = "dense"):
         # aux-free balancing (no batch-level aux loss, which would not split over ranks), a bias
         # step large enough to move in 3 steps
-        moe = {"balancing": "aux_free", "bias_update_rate": 0.05, "z_loss_coef": 0.0} if variant != "dense" else None
-        args = {"depth": 2, "vl_layers": 1}
-        if moe:
-            args["moe"] = moe
-        super().__init__(model="tiny", variant=variant, model_args=args)
-        self.save_hyperparameters()
+        moe = {"balancing": "aux_free", "bias_update_rate": 0.05, "z_loss_coef": 0.0} if variant != "dense" else {}
+        super().__init__(backbone=BackboneSpec("tiny", variant, depth=2, vl_layers=1, moe=moe),
+                         optim=OptimSpec(lr=3e-3, warmup_steps=1, min_lr_ratio=0.1))
 
     def training_step(self, batch, batch_idx):
         image, target = batch

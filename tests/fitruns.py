@@ -28,7 +28,8 @@ def make_config(kind: str, out: Path, data: Path, max_steps: int, workers: int =
     cfg = yaml.safe_load(src.read_text())
     run_dir = "runs/pretrain-tiny" if kind == "pretrain" else "runs/finetune-vqa"
     cfg = _swap(_swap(cfg, "data/synth", str(data)), run_dir, str(out))
-    cfg["model"]["init_args"].update(model_args={"depth": 2}, warmup_steps=3)
+    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg["model"]["init_args"]["optim"]["warmup_steps"] = 3
     d = cfg["data"]["init_args"]
     d.update(batch_size=4, num_workers=workers, shuffle_buffer=20)
     if kind == "pretrain":

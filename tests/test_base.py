@@ -7,7 +7,7 @@ from tasks.pretrain import PretrainModule
 
 def test_aux_free_bias_is_updated_once_per_step_with_the_summed_load():
     torch.manual_seed(0)
-    m = PretrainModule(model="tiny", model_args=dict(vocab_size=300, depth=2, moe={"balancing": "aux_free"}))
+    m = PretrainModule(backbone=dict(vocab_size=300, depth=2, moe={"balancing": "aux_free"}))
     m.log = lambda *a, **k: None  # not attached to a Trainer
     m.train()
     layers = m.backbone.moe_layers()
@@ -39,7 +39,7 @@ def test_aux_free_bias_is_updated_once_per_step_with_the_summed_load():
 
 
 def test_tokens_counted_per_step_exclude_padding():
-    m = PretrainModule(model="tiny", model_args=dict(vocab_size=300, depth=2))
+    m = PretrainModule(backbone=dict(vocab_size=300, depth=2))
     m.log = lambda *a, **k: None
     m.train()
     ids = torch.randint(5, 300, (2, 6))

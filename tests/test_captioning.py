@@ -64,8 +64,8 @@ def trained(data, tmp_path_factory):
     torch.manual_seed(0)
     dm = _dm(root, tok)
     dm.setup()
-    module = CaptionModule("tiny", "dense", model_args=dict(depth=2), tokenizer=tok, lr=1e-3, weight_decay=0.01,
-                           warmup_steps=10, min_lr_ratio=1.0, label_smoothing=0.0,
+    module = CaptionModule(backbone=dict(preset="tiny", variant="dense", depth=2), tokenizer=tok,
+                           optim=dict(lr=1e-3, weight_decay=0.01, warmup_steps=10, min_lr_ratio=1.0), label_smoothing=0.0,
                            eval_coco=str(root / "coco" / "dataset_coco.json"))
     before = _val_loss(module, dm)
     module.train()

@@ -112,6 +112,8 @@ def same(got, value) -> bool:
         given = value.get("init_args") or {}
         return got.get("class_path") == value["class_path"] and all(
             same((got.get("init_args") or {}).get(k), v) for k, v in given.items())
+    if isinstance(value, dict) and isinstance(got, dict):  # a dataclass (backbone, optim): + defaults filled in
+        return all(k in got and same(got[k], v) for k, v in value.items())
     return got == value
 
 
@@ -121,7 +123,7 @@ def test_model_fragments_give_matched_variants(parser):
         ns = parse(parser, TINY, CONFIG_DIR / "model" / f"{variant}.yaml")
         assert ns.model.class_path == "tasks.pretrain.PretrainModule"
         args = ns.model.init_args.as_dict()
-        assert args["variant"] == variant and args["model"] == "tiny"
+        assert args["backbone"]["variant"] == variant and args["backbone"]["preset"] == "tiny"
         args["tokenizer"] = None  # data/synth may not exist yet; the default vocabulary is fine here
         module = PretrainModule(**args)
         assert (module.config.moe is None) == (variant == "dense")
@@ -174,6 +176,9 @@ def test_fit_help(capsys):
     out = capsys.readouterr().out
     for option in ("--config", "--trainer.precision", "--builtin_data", "--ckpt_path", "--model", "--data"):
         assert option in out, option
+    # where the model's fields are listed (tests/test_typed_config.py checks that listing)
+    text = " ".join(out.split())
+    assert "--model.help CLASS" in text and "backbone.moe.*" in text and "optim.*" in text
 
 
 def test_precision_auto(monkeypatch):

@@ -149,7 +149,7 @@ def test_vqa_config_trains_with_cpu_ddp(tmp_path):
     cfg = _swap(_swap(cfg, "data/synth/tokenizer.model", d["tokenizer"]), "data/synth", str(d["data"]))
     cfg = _swap(cfg, "runs/finetune-vqa", str(tmp_path / "runs"))
     args = cfg["model"]["init_args"]
-    args["model_args"] = {**(args.get("model_args") or {}), "depth": 2}
+    args["backbone"]["depth"] = 2
     cfg["data"]["init_args"].update(batch_size=8, num_workers=0)
     cfg["trainer"].update(max_steps=3, enable_progress_bar=False, enable_model_summary=False,
                           check_val_every_n_epoch=None, limit_val_batches=0)
@@ -217,7 +217,7 @@ def test_every_config_gives_every_trainable_parameter_a_gradient(config, task_da
     cfg = _swap(cfg, "runs/", str(tmp_path / "runs") + "/")
     cfg["builtin_data"] = None
     args = cfg["model"]["init_args"]
-    args["model_args"] = {**(args.get("model_args") or {}), "depth": 4}  # the tiny preset's VL block is the top one
+    args["backbone"]["depth"] = 4  # the tiny preset's VL block is the top one
     cfg["data"]["init_args"].update(batch_size=4, num_workers=0)
     cfg["trainer"].update(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                           limit_val_batches=0, callbacks=[], enable_checkpointing=False)

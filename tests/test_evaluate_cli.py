@@ -17,7 +17,7 @@ from tasks.vqa import VQAModule
 from tests.test_vqa import make_task_data, one_thread, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(model="tiny", variant="dense", model_args={"depth": 1})
+SMALL = dict(backbone=dict(preset="tiny", variant="dense", depth=1))
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -308,7 +308,7 @@ def test_finetune_config_fit_then_evaluate(task, setup, tmp_path, capsys):
 
 FAST_FIT = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", "--data.init_args.num_workers", "0"]
-SMALL_OVERRIDES = ["--model.init_args.model_args", '{"depth": 1}', "--model.init_args.variant", "dense"]
+SMALL_OVERRIDES = ["--model.init_args.backbone.depth", "1", "--model.init_args.backbone.variant", "dense"]
 
 
 def finetune_config(task: str, setup, tmp_path: Path) -> Path:
@@ -316,7 +316,7 @@ def finetune_config(task: str, setup, tmp_path: Path) -> Path:
     text = text.replace("data/synth", str(setup["data"]["data"])).replace(f"runs/finetune-{task}", str(tmp_path / "run"))
     cfg = tmp_path / f"{task}.yaml"
     cfg.write_text(text)
-    assert read_config(cfg)["model"]["init_args"]["model"] == "tiny"
+    assert read_config(cfg)["model"]["init_args"]["backbone"]["preset"] == "tiny"
     return cfg
 
 

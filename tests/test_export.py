@@ -13,7 +13,7 @@ from mmmoe.models import PretrainedFolderError, from_pretrained
 from tasks.cli import main
 from tasks.export import export, load_task_module_from_folder
 
-TINY = dict(model="tiny", variant="mhmoe-h2", model_args={"depth": 2, "vocab_size": 300})
+TINY = dict(backbone=dict(preset="tiny", variant="mhmoe-h2", depth=2, vocab_size=300))
 ANSWERS = ["yes", "no", "red", "blue", "two"]
 
 
@@ -30,7 +30,7 @@ def tokenizer(tmp_path_factory):
 
 def make_module(task: str, tokenizer: str):
     torch.manual_seed(0)
-    args = dict(TINY, model_args={"depth": 2}, tokenizer=tokenizer)
+    args = dict(backbone=dict(preset="tiny", variant="mhmoe-h2", depth=2), tokenizer=tokenizer)
     if task == "vqa":
         from tasks.vqa import VQAModule
         return VQAModule(answer_vocab=ANSWERS, **args)

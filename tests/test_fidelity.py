@@ -226,7 +226,7 @@ def test_ablation_variants_match_the_parity_solver(preset):
 def test_ablation_config_fragments():
     for a in ("nohead", "nomerge", "nohead-nomerge"):
         path = REPO / "configs" / "model" / f"mhmoe-h2-{a}.yaml"
-        variant = yaml.safe_load(path.read_text())["model"]["init_args"]["variant"]
+        variant = yaml.safe_load(path.read_text())["model"]["init_args"]["backbone"]["variant"]
         assert variant == f"mhmoe-h2-{a}"
         cfg = get_config("tiny", variant)
         assert count_costs(cfg)["macs_per_token"] == count_costs(get_config("tiny", "smoe"))["macs_per_token"]

@@ -17,6 +17,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from data_pipelines.builtin import make_builtin_dataset  # noqa: E402
 from data_pipelines.datamodules import TextDataModule  # noqa: E402
 from data_pipelines.tokenizer import train_tokenizer  # noqa: E402
+from tasks.base import init_parameters  # noqa: E402
 from tasks.lm import CausalLMModule, MaskedLMModule, PerplexityMeter, UnigramCounts  # noqa: E402
 
 LANGS = ("de", "en", "es", "fr")
@@ -61,8 +62,8 @@ def _mlm_dm(root, tok):
                           batch_size=16, max_len=40, num_workers=0, pin_memory=False, shuffle_buffer=0)
 
 
-SHORT = dict(model="tiny", variant="dense", model_args=dict(depth=2), lr=1e-3, weight_decay=0.01, warmup_steps=10,
-             min_lr_ratio=1.0)
+SHORT = dict(backbone=dict(preset="tiny", variant="dense", depth=2),
+             optim=dict(lr=1e-3, weight_decay=0.01, warmup_steps=10, min_lr_ratio=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +203,11 @@ def test_configs_name_real_classes_and_arguments(name):
     for section in ("model", "data"):
         mod, _, cls = cfg[section]["class_path"].rpartition(".")
         klass = getattr(importlib.import_module(mod), cls)
-        inspect.signature(klass.__init__).bind(None, **cfg[section]["init_args"])  # unknown keys raise
+        unknown = set(cfg[section]["init_args"]) - set(init_parameters(klass))  # base arguments included
+        assert not unknown, f"{name}: {section}.init_args {sorted(unknown)}"
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
     assert model["tokenizer"] == data["tokenizer"]
-    positions = model.get("model_args", {}).get("max_text_len", 40)  # 40: the tiny preset's
+    positions = model["backbone"].get("max_text_len", 40)  # 40: the tiny preset's
     assert data.get("context", data.get("max_len")) <= positions
     inspect.signature(pl.Trainer.__init__).bind(None, **{k: v for k, v in cfg["trainer"].items()
                                                         if k not in ("logger", "callbacks")})

@@ -133,12 +133,13 @@ def test_backbone_bf16_autocast_every_variant(variant):
 def test_lightning_bf16_precisions_train_a_step(precision):
     import pytorch_lightning as pl
 
-    from tasks.base import MMMoEModule
+    from mmmoe.models import BackboneSpec
+    from tasks.base import MMMoEModule, OptimSpec
 
     class Tiny(MMMoEModule):
-        def __init__(self, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, warmup_steps=1, min_lr_ratio=0.1):
-            super().__init__(model="tiny", variant="mhmoe-h2", model_args={"depth": 2})
-            self.save_hyperparameters()  # the optimiser settings configure_optimizers reads
+        def __init__(self):
+            super().__init__(backbone=BackboneSpec("tiny", "mhmoe-h2", depth=2),
+                             optim=OptimSpec(warmup_steps=1, min_lr_ratio=0.1))
 
         def training_step(self, batch, batch_idx):
             out = self.backbone(image=batch)

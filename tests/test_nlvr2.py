@@ -15,7 +15,7 @@ from tasks.metrics.nlvr2 import load_labels, nlvr2_scores
 from tasks.nlvr2 import NLVR2Module
 from tests.test_vqa import make_task_data, one_thread, quiet_trainer
 
-SMALL = dict(model="tiny", model_args={"depth": 2})
+SMALL = dict(backbone=dict(preset="tiny", depth=2))
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def task_data(tmp_path_factory):
 
 def nlvr2_module(d, **kwargs):
     args = dict(eval_data=d["nlvr2_dev_json"], test_data=d["nlvr2_test1_json"], train_data=d["nlvr2_train_json"],
-                tokenizer=d["tokenizer"], warmup_steps=10, weight_decay=0.0)
+                tokenizer=d["tokenizer"], optim=dict(warmup_steps=10, weight_decay=0.0))
     args.update(kwargs)
     return NLVR2Module(**args)
 
@@ -40,7 +40,7 @@ def nlvr2_data(d, **kwargs):
 @pytest.mark.parametrize("head_style", ["beit3", "tanh_pooler"])
 def test_one_2b_forward_equals_two_passes(head_style):
     torch.manual_seed(0)
-    m = NLVR2Module(model_args={"depth": 2, "vocab_size": 50}, head_style=head_style).eval()  # default MoE, dropless
+    m = NLVR2Module(backbone=dict(depth=2, vocab_size=50), head_style=head_style).eval()  # default MoE, dropless
     if head_style == "beit3":  # BEiT-3 inits its head's linear layers 0.001-scaled: make the logits matter
         with torch.no_grad():
             for p in m.head.parameters():
@@ -70,7 +70,7 @@ def test_one_2b_forward_equals_two_passes(head_style):
 
 
 def test_loss_ignores_unknown_labels():
-    m = NLVR2Module(variant="dense", model_args={"depth": 1, "vocab_size": 50})
+    m = NLVR2Module(backbone=dict(variant="dense", depth=1, vocab_size=50))
     m.log = lambda *a, **k: None  # no Trainer attached
     torch.manual_seed(1)
     batch = {"image_left": torch.randn(4, 3, 64, 64), "image_right": torch.randn(4, 3, 64, 64),
@@ -92,7 +92,7 @@ def test_loss_ignores_unknown_labels():
 def trained(task_data):
     """Fit one fixed training batch (same batch every step: one batch per epoch, no shuffling)."""
     pl.seed_everything(0)
-    m = nlvr2_module(task_data, lr=1e-3, **SMALL)
+    m = nlvr2_module(task_data, optim=dict(lr=1e-3, warmup_steps=10, weight_decay=0.0), **SMALL)
     dm = nlvr2_data(task_data, batch_size=16, shuffle_buffer=0)
     losses = []
 

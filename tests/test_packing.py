@@ -187,8 +187,8 @@ def _tiny_lm(max_text_len=16):
     from tasks.lm import CausalLMModule
 
     torch.manual_seed(0)
-    return CausalLMModule(model="tiny", variant="smoe", tokenizer=None,
-                          model_args=dict(vocab_size=TOK.vocab_size, depth=2, max_text_len=max_text_len))
+    return CausalLMModule(backbone=dict(preset="tiny", variant="smoe", vocab_size=TOK.vocab_size, depth=2,
+                                        max_text_len=max_text_len), tokenizer=None)
 
 
 @pytest.mark.parametrize("stride", [16, 5])

@@ -22,7 +22,7 @@ from tasks.fit_cli import replace_in_config as _swap
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-SMALL = dict(model="tiny", model_args={"depth": 2, "vocab_size": 50}, warmup_steps=0)
+SMALL = dict(backbone=dict(depth=2, vocab_size=50), optim=dict(warmup_steps=0))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -164,7 +164,8 @@ def tiny_config(tmp: Path, root: Path, max_steps: int) -> Path:
     """configs/pretrain/tiny.yaml with its paths moved to tmp and a shorter, smaller run."""
     cfg = yaml.safe_load(TINY.read_text())
     cfg = _swap(_swap(cfg, "data/synth", str(root)), "runs/pretrain-tiny", str(tmp / "runs"))
-    cfg["model"]["init_args"].update(model_args={"depth": 2}, lr=3e-3, warmup_steps=5)
+    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg["model"]["init_args"]["optim"].update(lr=3e-3, warmup_steps=5)
     cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
     t = cfg["trainer"]
     t.update(max_steps=max_steps, val_check_interval=20, limit_val_batches=2, log_every_n_steps=1,
@@ -225,7 +226,7 @@ def test_checkpoint_is_plain_and_loads_weights_only(trained):
     assert not list((tmp / "runs" / "checkpoints").glob(".*tmp"))  # atomic writes leave no temp files
     ck = torch.load(tmp / "runs" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ck["global_step"] == 40  # last.ckpt is the final step, not the last periodic save
-    assert ck["hyper_parameters"]["variant"] == "mhmoe-h2"
+    assert ck["hyper_parameters"]["backbone"]["variant"] == "mhmoe-h2"
     assert "mlm_head.bias" in ck["state_dict"] and "mim_head.proj.weight" in ck["state_dict"]
 
 

@@ -150,8 +150,8 @@ def finetuned(builtin):
     from tasks.retrieval import RetrievalModule
 
     root = builtin["root"]
-    model_args = dict(model="tiny", variant="dense", model_args={"depth": 1}, tokenizer=builtin["tokenizer"],
-                      pooling="mean", lr=1e-3, warmup_steps=10, weight_decay=0.01)
+    model_args = dict(backbone=dict(preset="tiny", variant="dense", depth=1), tokenizer=builtin["tokenizer"],
+                      pooling="mean", optim=dict(lr=1e-3, warmup_steps=10, weight_decay=0.01))
     data_args = dict(tokenizer=builtin["tokenizer"], train=builtin["train"], test=builtin["test"], batch_size=32,
                      image_size=64, max_len=32, shuffle_buffer=200, num_workers=0, pin_memory=False)
     pl.seed_everything(0, verbose=False)

@@ -21,8 +21,8 @@ from tasks.robust import (NonFiniteGuard, NonFiniteTrainingError, RESUME_KEYS, n
                           rng_states, set_rng_states)
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(model="tiny", model_args={"depth": 2, "vocab_size": 50, "moe": {"balancing": "aux_free"}},
-             warmup_steps=0, min_lr_ratio=1.0)  # a constant learning rate
+SMALL = dict(backbone=dict(depth=2, vocab_size=50, moe={"balancing": "aux_free"}),
+             optim=dict(warmup_steps=0, min_lr_ratio=1.0))  # a constant learning rate
 
 
 # ------------------------------------------------------------------------------ non-finite steps

@@ -18,7 +18,7 @@ from tasks.metrics.vqa import normalize_answer, vqa_accuracy
 from tasks.vqa import VQAModule, ensure_answer_vocab, read_answer_vocab
 
 NUM_IMAGES = 100
-SMALL = dict(model="tiny", variant="dense", model_args={"depth": 2})
+SMALL = dict(backbone=dict(preset="tiny", variant="dense", depth=2))
 
 
 # ------------------------------------------------------------------------------ shared helpers
@@ -69,7 +69,7 @@ def vqa_module(d: dict, **kwargs) -> VQAModule:
     args = dict(
         answer_vocab=str(d["root"] / "answers.json"), train_annotations=d["train_annotations"], min_answer_freq=1,
         eval_questions=d["val_questions"], eval_annotations=d["val_annotations"], tokenizer=d["tokenizer"],
-        warmup_steps=10, weight_decay=0.01,
+        optim=dict(warmup_steps=10, weight_decay=0.01),
     )
     args.update(kwargs)
     return VQAModule(**args)
@@ -190,7 +190,8 @@ def test_init_from_loads_backbone_only(tmp_path):
 def trained(task_data):
     pl.seed_everything(0)
     # default MoE variant (mhmoe-h2), 2 blocks: ~300 steps leave the answer-prior plateau behind
-    m = vqa_module(task_data, lr=1e-3, min_lr_ratio=0.5, warmup_steps=20, model_args={"depth": 2})
+    m = vqa_module(task_data, optim=dict(lr=1e-3, min_lr_ratio=0.5, warmup_steps=20, weight_decay=0.01),
+                   backbone=dict(depth=2))
     dm = vqa_data(task_data, m)
     losses = []
 

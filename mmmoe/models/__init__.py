@@ -1,4 +1,5 @@
-"""Models: the multiway MH-MoE backbone, its heads, presets and the registry."""
+"""Models: the multiway MH-MoE backbone, its heads, presets and the registry, and ``BackboneSpec``
+(a preset + variant + typed overrides: what task modules and configs name a backbone by)."""
 
 from mmmoe.models.config import ModelConfig
 from mmmoe.models.heads import MIMHead, NLVR2Head, Pooler, TokenHead, VQAHead, mim_targets, patchify
@@ -17,10 +18,11 @@ from mmmoe.models.registry import (
     moe_variant,
     parse_variant,
 )
+from mmmoe.models.spec import BackboneSpec, MoESpec
 
 __all__ = [
     "ModelConfig", "MultiwayTransformer", "BackboneOutput", "KVCache", "TokenHead", "MIMHead", "Pooler",
     "VQAHead", "NLVR2Head", "mim_targets", "patchify", "PRESETS", "VARIANTS", "ABLATION_VARIANTS", "ALL_VARIANTS", "create_model", "get_config",
     "list_models", "list_variants", "parse_variant", "moe_variant", "count_costs", "from_pretrained", "PretrainedModel",
-    "PretrainedFolderError",
+    "PretrainedFolderError", "BackboneSpec", "MoESpec",
 ]

@@ -24,6 +24,8 @@ Ablations of the head and merge layers (2411 Table 5), registered for mhmoe-h2 a
 Table 3 (``bitnet="all"``: attention, dense FFNs, head/merge layers and experts quantised).
 
 Overrides are checked strictly: an unknown key raises ``ValueError`` listing the valid ones.
+``create_model(BackboneSpec(...))`` builds from a typed spec (``mmmoe.models.spec``), the form
+task modules and YAML configs use.
 """
 
 from __future__ import annotations
@@ -156,8 +158,15 @@ def get_config(name: str = "tiny", variant: Optional[str] = None, **overrides: A
     return ModelConfig(**args, moe=moe)
 
 
-def create_model(name: str = "tiny", variant: Optional[str] = None, **overrides: Any) -> MultiwayTransformer:
-    """Build the backbone of preset ``name`` (see ``get_config``)."""
+def create_model(name: Any = "tiny", variant: Optional[str] = None, **overrides: Any) -> MultiwayTransformer:
+    """Build the backbone of preset ``name`` (see ``get_config``), or of a ``BackboneSpec``
+    (``create_model(spec)``; ``overrides`` then fill the fields the spec leaves unset)."""
+    if not isinstance(name, str):
+        if not callable(getattr(name, "config", None)):
+            raise ValueError(f"create_model takes a preset name or a BackboneSpec, got {type(name).__name__}")
+        if variant is not None:
+            raise ValueError("create_model(spec): the variant is the spec's (BackboneSpec.variant)")
+        return MultiwayTransformer(name.config(**overrides))
     return MultiwayTransformer(get_config(name, variant, **overrides))
 
 
