@@ -237,15 +237,14 @@ class RunConfigSaver(SaveConfigCallback):
     copy in every checkpoint folder: ``mmmoe evaluate <task> --ckpt DIR/last.ckpt`` finds the
     configuration of the run next to its checkpoints (overrides given on the command line included)."""
 
-    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # (not in setup: ModelCheckpoint would then warn that its folder is not empty)
+        if not trainer.is_global_zero:
             return
-        for cb in trainer.checkpoint_callbacks:
-            folder = getattr(cb, "dirpath", None)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-                self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False,
-                                 overwrite=True, multifile=False)
+        for folder in sorted({cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}):
+            os.makedirs(folder, exist_ok=True)
+            self.parser.save(self.config, os.path.join(folder, self.config_filename), skip_none=False,
+                             overwrite=True, multifile=False)
 
 
 # ------------------------------------------------------------------------------ built-in data
