@@ -199,9 +199,8 @@ def run_test(module: Any, datamodule: Any, split: str, out_dir: PathLike, accele
         enable_progress_bar=False, callbacks=[OfficialEvaluation(split, str(out_dir), options)],
         precision="32-true" if accelerator == "cpu" else "auto", default_root_dir=str(out_dir),
     )
-    was_training = module.training
-    try:
+    from tasks.base import eval_mode
+
+    with eval_mode(module):  # (the test loop leaves the module in eval mode)
         trainer.test(module, datamodule=datamodule, verbose=False)
-    finally:
-        module.train(was_training)
     return dict(module.eval_metrics)
