@@ -454,7 +454,7 @@ class MMMoEModule(pl.LightningModule):
         """uint8 images (data modules built with ``normalize=False``, the fast path: 4x less to
         move and normalisation on the device) become normalised float32 here; float images pass."""
         if isinstance(batch, dict):
-            from data_pipelines.wds import normalize_images
+            from data_pipelines.readers import normalize_images
 
             normalize_images(batch)
         return batch

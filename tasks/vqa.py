@@ -215,7 +215,7 @@ class VQAModule(MMMoEModule):
         answers = batch.get("answers")
         if answers is None:
             raise KeyError("a VQA training batch needs 'answers' or 'vqa_targets'")
-        from data_pipelines.wds import vqa_soft_scores
+        from data_pipelines.readers import vqa_soft_scores
         from tasks.metrics.vqa import normalize_answer
 
         t_BA = torch.zeros(len(answers), self.num_answers)
