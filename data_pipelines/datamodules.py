@@ -26,7 +26,6 @@ end of every train and validation epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -35,6 +34,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import CombinedLoader
 
 from . import readers
+from .formats.vqa import answer_index, normalize_answer
 from .mixing import mixed_pipeline
 from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RATIO
 
@@ -56,13 +56,9 @@ def load_tokenizer(tokenizer: Any) -> Any:
 
 
 def load_answer_vocab(answer_vocab: Union[str, Mapping[str, int], Sequence[str]]) -> Dict[str, int]:
-    """{answer: index} from a mapping, a list of answers (index = position) or a JSON file of either."""
-    if isinstance(answer_vocab, str):
-        with open(answer_vocab, encoding="utf-8") as f:
-            answer_vocab = json.load(f)
-    if isinstance(answer_vocab, Mapping):
-        return {str(a): int(i) for a, i in answer_vocab.items()}
-    return {str(a): i for i, a in enumerate(answer_vocab)}
+    """{answer: index} from a mapping, a list of answers (index = position) or a JSON file of either
+    (``formats.vqa.answer_index``: indices must be 0..A-1, answers unique)."""
+    return answer_index(answer_vocab)
 
 
 class ReaderDataModule(pl.LightningDataModule):
@@ -366,8 +362,6 @@ class VQADataModule(_TaskDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         h = self.hparams
         with_answers = split != "test" or h.test_with_answers
-        from tasks.metrics.vqa import normalize_answer  # the official normalisation (the vocabulary's form)
-
         return readers.vqa_pipeline(
             urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train", **self._stream_args(split),
             batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,

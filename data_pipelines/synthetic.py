@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .formats.io import atomic_write
+
 __all__ = [
     "generate",
     "sample_scene",
@@ -671,20 +673,11 @@ class _Writer:
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        _atomic_write(path, data)
+        atomic_write(path, data)
         self.files.append(rel)
 
     def write_json(self, rel: str, obj) -> None:
         self.write(rel, json.dumps(obj))
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 _OWNED_PATTERNS = {
@@ -767,7 +760,7 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
                 "counts": meta["counts"], "paths": _paths(root)}
     owned = meta is not None
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(root / META_NAME, json.dumps({"params": params, "complete": False}))
+    atomic_write(root / META_NAME, json.dumps({"params": params, "complete": False}))
     w = _Writer(root)
     scenes: dict = {"image_size": image_size, "coco": {}, "nlvr2": {}}
     counts: dict = {}
@@ -893,7 +886,7 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
     w.write_json(SCENES_NAME, scenes)
     if owned:
         _cleanup(root, set(w.files))
-    _atomic_write(root / META_NAME, json.dumps({"params": params, "complete": True, "counts": counts,
+    atomic_write(root / META_NAME, json.dumps({"params": params, "complete": True, "counts": counts,
                                                 "files": sorted(w.files)}))
     return {"out_dir": str(root), "params": params, "cached": False, "seconds": time.perf_counter() - t0,
             "counts": counts, "paths": _paths(root)}

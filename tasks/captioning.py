@@ -46,7 +46,9 @@ from torch import Tensor
 from mmmoe.generation import GenerationOutput, PENALTY_STYLES, generate, strip_special
 from mmmoe.models import TokenHead
 from tasks.base import MMMoEModule
-from tasks.lm import next_token_labels, split_loader, to_device, token_losses, write_json
+from data_pipelines.formats.captions import load_references, write_caption_results
+from data_pipelines.formats.io import write_json
+from tasks.lm import next_token_labels, split_loader, to_device, token_losses
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ def most_frequent_caption(captions: List[str]) -> str:
 
 def karpathy_references(coco_file: str, splits: Tuple[str, ...] = ("train", "restval")) -> Dict[int, List[str]]:
     """``{image id: raw captions}`` of the images of ``splits`` of a Karpathy dataset_coco.json."""
-    from tasks.metrics.caption import load_references
-
     refs: Dict[int, List[str]] = {}
     for split in splits:
         try:
@@ -157,7 +157,7 @@ def score_results(
 ) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """Official caption metrics of ``results`` (+ the constant-caption baselines when
     ``train_refs`` is given) as flat floats, and the baseline details."""
-    from tasks.metrics.caption import caption_scores, load_references
+    from tasks.metrics.caption import caption_scores
 
     gt: Any = coco_file if coco_file else references_from_batches(batch_refs)
     scores = caption_scores(gt, results, split=split, allow_subset=True)
@@ -334,8 +334,6 @@ class CaptionModule(MMMoEModule):
                 refs.update(rf)
         if self.global_rank == 0:
             if self.hparams.eval_coco:
-                from tasks.metrics.caption import load_references
-
                 all_refs = load_references(self.hparams.eval_coco, "val")
                 refs = {r["image_id"]: all_refs[r["image_id"]] for r in results if r["image_id"] in all_refs}
             scores = quick_scores(refs, {r["image_id"]: r["caption"] for r in results if r["image_id"] in refs})
@@ -435,7 +433,7 @@ class CaptionModule(MMMoEModule):
         if not results:
             raise ValueError(f"the {split!r} split gave no images to caption (empty shards?)")
         out = Path(out_dir)
-        write_json(out / RESULTS_FILE, results)
+        write_caption_results(out / RESULTS_FILE, results)
         kp_split = self._karpathy_split(split)
         if not self.hparams.eval_coco and not any(refs.values()):
             log.warning("no reference captions (no eval_coco, none in the shards): wrote %s, no scores", out / RESULTS_FILE)

@@ -41,7 +41,7 @@ hyperparameter by name.
 
 HELPERS for implementations: :func:`split_loader` (the split's loader, setup on demand, a clear
 error when the data module has no such split), :func:`prepare_batch` (device move +
-``on_after_batch_transfer``, i.e. what a Trainer does), :func:`write_json` (atomic),
+``on_after_batch_transfer``, i.e. what a Trainer does), :func:`write_json` (atomic; ``data_pipelines.formats.io.write_json``),
 :func:`load_image` (one file -> 1 x 3 x S x S, the data modules' eval transform and ImageNet
 normalisation), :func:`encode_text_batch` / :func:`module_tokenizer` (text with the checkpoint's
 tokenizer).
@@ -79,6 +79,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from data_pipelines.formats.io import write_json  # noqa: F401 - the one atomic JSON writer, used below
 
 PathLike = Union[str, os.PathLike]
 
@@ -289,17 +291,6 @@ def prepare_batch(module: Any, batch: Any) -> Any:
     batch = move_to(batch, module.device)
     hook = getattr(module, "on_after_batch_transfer", None)
     return hook(batch, 0) if callable(hook) else batch
-
-
-def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> Path:
-    """Write JSON atomically (temporary file + rename), creating the folder. Result files (long
-    lists) are written with ``indent=None``: one line, like the official ones."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-    return p
 
 
 # ------------------------------------------------------------------------------ single inputs

@@ -25,10 +25,8 @@ exponential, so the perplexity is the token-weighted one, not a mean of batch pe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -37,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_pipelines.formats.io import write_json
+from data_pipelines.masking import IGNORE_INDEX
 from mmmoe.generation import generate, strip_special
 from mmmoe.models import TokenHead
 from tasks.base import MMMoEModule
+from tasks.losses import masked_token_loss
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask: the fixed mmmoe tokenizer layout
 
 
@@ -62,13 +62,9 @@ def token_losses(
 
     Returns ``(loss, nll_N, index_N)``: the mean training loss (with label smoothing), the plain
     per-token NLL (no smoothing, detached, float) and the row of each scored token."""
-    sel_BL = labels_BL != IGNORE_INDEX
-    targets_N = labels_BL[sel_BL]
-    if targets_N.numel() == 0:
-        zero = hidden_BLD.sum() * 0.0
-        return zero, hidden_BLD.new_zeros(0, dtype=torch.float32), targets_N
-    logits_NV = head(hidden_BLD[sel_BL]).float()
-    loss = F.cross_entropy(logits_NV, targets_N, label_smoothing=label_smoothing)
+    loss, logits_NV, targets_N, sel_BL = masked_token_loss(head, hidden_BLD, labels_BL, label_smoothing)
+    if logits_NV is None:
+        return loss, hidden_BLD.new_zeros(0, dtype=torch.float32), targets_N
     with torch.no_grad():
         nll_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
     rows_N = sel_BL.nonzero()[:, 0]
@@ -194,14 +190,6 @@ def check_text_positions(datamodule: Any, max_text_len: int) -> None:
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename (never a half-written result file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the modules

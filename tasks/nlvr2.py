@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_pipelines.formats.io import write_json
+from data_pipelines.formats.nlvr2 import load_labels, write_predictions
 from mmmoe.models import BackboneOutput, NLVR2Head
 from tasks.base import MMMoEModule
 
@@ -134,8 +136,6 @@ class NLVR2Module(MMMoEModule):
         """(majority training label, where it came from)."""
         train_data = self.hparams.get("train_data")
         if train_data:
-            from tasks.metrics.nlvr2 import load_labels
-
             labels = list(load_labels(train_data).values())
             return sum(labels) * 2 > len(labels), f"train_data {train_data}"
         n_false, n_true = (int(x) for x in self.train_label_counts.tolist())
@@ -149,7 +149,7 @@ class NLVR2Module(MMMoEModule):
     def evaluate_split(self, datamodule: Any, split: str, out_dir: Union[str, os.PathLike]) -> Dict[str, float]:
         """Predict every example of ``split``, write ``nlvr2_predictions.json`` into ``out_dir`` and
         score it with the official accuracy / consistency when the split's labels are known."""
-        from tasks.evaluate_cli import prepare_batch, split_loader, write_json
+        from tasks.evaluate_cli import prepare_batch, split_loader
 
         gt = self.ground_truth(split)
         if gt is not None and not Path(gt).is_file():
@@ -171,12 +171,12 @@ class NLVR2Module(MMMoEModule):
         if not preds:
             raise ValueError(f"the {split} split of the data module produced no examples")
         out = Path(out_dir)
-        write_json(out / "nlvr2_predictions.json", preds, indent=None)
+        write_predictions(out / "nlvr2_predictions.json", preds)
         metrics: Dict[str, float] = {"nlvr2_num_examples": float(len(preds))}
         if gt is None:
             log.info("no labels for the %s split: wrote %s only", split, out / "nlvr2_predictions.json")
             return metrics
-        from tasks.metrics.nlvr2 import load_labels, nlvr2_scores
+        from tasks.metrics.nlvr2 import nlvr2_scores
 
         scores = nlvr2_scores(gt, preds)
         labels = load_labels(gt)

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from data_pipelines.formats.io import write_json
 from mmmoe.models import MultiwayTransformer
 from mmmoe.models.dual_encoder import RetrievalHead
 from tasks.base import MMMoEModule
@@ -187,8 +188,6 @@ class RetrievalModule(MMMoEModule):
     def evaluate_split(self, datamodule: Any, split: str, out_dir: Union[str, os.PathLike]) -> Dict[str, float]:
         """Rank every text for every image of ``split`` and every image for every text; write
         ``retrieval_results.json`` and return the recalls and their random baselines."""
-        from tasks.evaluate_cli import write_json
-
         was_training = self.training
         self.eval()
         try:

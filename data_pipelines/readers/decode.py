@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import schema
+from ..formats.nlvr2 import parse_truth_value
 from ..transforms import ImageTransform, decode_image
 from .errors import SampleError
 
@@ -173,10 +174,11 @@ class DecodeNLVR2(StreamRandom):
         meta = meta_member(sample, required=True)
         sentence = _field(sample, meta, "sentence", (str,))
         label = meta.get("label")
-        if isinstance(label, str) and label in ("True", "False"):  # the official files' spelling
-            label = label == "True"
-        if label is not None and not isinstance(label, bool):
-            raise SampleError("bad_value", f"label {label!r}", key=sample["__key__"], url=sample["__url__"])
+        if label is not None:
+            try:
+                label = parse_truth_value(label)  # "True" / "False" (the official files' spelling) or a bool
+            except ValueError:
+                raise SampleError("bad_value", f"label {label!r}", key=sample["__key__"], url=sample["__url__"]) from None
         return {
             "key": sample["__key__"],
             "identifier": str(meta.get("identifier", sample["__key__"])),
