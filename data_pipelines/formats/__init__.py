@@ -9,8 +9,8 @@
 
 Users: the shard writers (``data_pipelines.shards``, ``synthetic``, ``builtin``), the readers (the
 VQA soft targets are normalised with ``vqa.normalize_answer``), the metrics (``tasks.metrics``:
-they import the parsing and keep the scoring) and the tasks (result files). The package imports
-nothing from ``tasks``. A bad input raises :class:`FormatError` (a ``ValueError``) whose message
+they keep the scoring and take the parsing from here) and the task modules (result files). Like all
+of ``data_pipelines``, this package depends on nothing above it. A bad input raises :class:`FormatError` (a ``ValueError``) whose message
 starts with the file (or the argument's role) and says what is wrong; only JSON and plain text are
 read, nothing is unpickled.
 """

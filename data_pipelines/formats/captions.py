@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .io import FormatError, PathLike, describe, is_int, load_input, preview, write_json
+from .io import FormatError, PathLike, describe, id_text_pairs, is_int, load_input, preview, unique_by_id, write_json
 
 __all__ = [
     "KarpathyImage", "karpathy_image", "karpathy_records", "karpathy_split", "karpathy_to_coco",
@@ -143,14 +143,8 @@ def references(gt: Any, split: str) -> Tuple[Dict[int, List[str]], str]:
             if not is_int(iid):
                 raise FormatError(f"{name}: images[{i}]: 'id' must be an integer, got {describe(iid)}")
             refs.setdefault(iid, [])
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, Mapping):
-            raise FormatError(f"{name}: annotations[{i}] is {describe(ann)}, expected an object")
-        iid, cap = ann.get("image_id"), ann.get("caption")
-        if not is_int(iid):
-            raise FormatError(f"{name}: annotations[{i}]: 'image_id' must be an integer, got {describe(iid)}")
-        if not isinstance(cap, str):
-            raise FormatError(f"{name}: annotations[{i}]: 'caption' must be a string, got {describe(cap)}")
+    pairs = id_text_pairs(anns, name, "image_id", "caption", "image", "'annotations'", "annotations[{}]".format)
+    for i, (iid, cap) in enumerate(pairs):
         if isinstance(images, (list, tuple)) and iid not in refs:
             raise FormatError(f"{name}: annotations[{i}]: image {iid} is not in 'images'")
         refs.setdefault(iid, []).append(cap)
@@ -178,25 +172,8 @@ def load_captions(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> Dict
     Duplicated image ids are an error; empty captions are kept.
     """
     doc, name = load_input(results, "results")
-    if not isinstance(doc, (list, tuple)):
-        raise FormatError(f'{name}: results must be a JSON array of {{"image_id": int, "caption": str}}, '
-                          f"got {describe(doc)}")
-    captions: Dict[int, str] = {}
-    dups = set()
-    for i, r in enumerate(doc):
-        if not isinstance(r, Mapping):
-            raise FormatError(f'{name}: entry {i} is {describe(r)}, expected {{"image_id": int, "caption": str}}')
-        iid, cap = r.get("image_id"), r.get("caption")
-        if not is_int(iid):
-            raise FormatError(f"{name}: entry {i}: 'image_id' must be an integer, got {describe(iid)}")
-        if not isinstance(cap, str):
-            raise FormatError(f"{name}: entry {i} (image {iid}): 'caption' must be a string, got {describe(cap)}")
-        if iid in captions:
-            dups.add(iid)
-        captions[iid] = cap
-    if dups:
-        raise FormatError(f"{name}: {len(dups)} image ids have more than one caption "
-                          f"(pycocoevalcap scores one per image): {preview(dups)}")
+    pairs = id_text_pairs(doc, name, "image_id", "caption", "image")
+    captions = unique_by_id(pairs, name, "image ids have more than one caption (pycocoevalcap scores one per image)")
     if not captions:
         raise FormatError(f"{name}: no captions")
     return captions

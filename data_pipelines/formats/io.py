@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "FormatError", "PathLike", "atomic_write", "fsync_dir", "write_json", "is_path", "source_name", "read_text",
-    "read_json", "load_input", "preview", "describe", "is_int", "one_line",
+    "read_json", "load_input", "id_text_pairs", "unique_by_id", "preview", "describe", "is_int", "one_line",
 ]
 
 
@@ -127,6 +128,44 @@ def load_input(src: Any, role: str) -> Tuple[Any, str]:
     """(parsed JSON, name for messages) of a path or an already-parsed object."""
     name = source_name(src, role)
     return (read_json(src, f"{role} file") if is_path(src) else src), name
+
+
+def id_text_pairs(
+    entries: Any, name: str, id_key: str, text_key: str, noun: str, what: str = "results",
+    where: Callable[[int], str] = "entry {}".format,
+) -> List[Tuple[int, str]]:
+    """``[(id, text)]`` of a list of ``{id_key: int, text_key: str}`` records, in order: the shape
+    of the official result files (and of COCO caption annotations). A non-list, an entry that is not
+    an object, an id that is not an integer (booleans excluded) or a text that is not a string is a
+    :class:`FormatError` naming the entry (``where(i)``) and, for the text, its ``noun`` and id."""
+    shape = f'{{"{id_key}": int, "{text_key}": str}}'
+    if not isinstance(entries, (list, tuple)):
+        raise FormatError(f"{name}: {what} must be a JSON array of {shape}, got {describe(entries)}")
+    out = []
+    for i, r in enumerate(entries):
+        if not isinstance(r, Mapping):
+            raise FormatError(f"{name}: {where(i)} is {describe(r)}, expected {shape}")
+        key, text = r.get(id_key), r.get(text_key)
+        if not is_int(key):
+            raise FormatError(f"{name}: {where(i)}: {id_key!r} must be an integer, got {describe(key)}")
+        if not isinstance(text, str):
+            raise FormatError(f"{name}: {where(i)} ({noun} {key}): {text_key!r} must be a string, got {describe(text)}")
+        out.append((key, text))
+    return out
+
+
+def unique_by_id(pairs: Iterable[Tuple[Any, Any]], name: str, duplicates: str) -> Dict[Any, Any]:
+    """``{id: value}`` of ``(id, value)`` pairs; ids seen twice are a :class:`FormatError`
+    ``"<name>: <n> <duplicates>: <ids>"``."""
+    out: Dict[Any, Any] = {}
+    dups = set()
+    for key, text in pairs:
+        if key in out:
+            dups.add(key)
+        out[key] = text
+    if dups:
+        raise FormatError(f"{name}: {len(dups)} {duplicates}: {preview(dups)}")
+    return out
 
 
 def preview(items: Iterable[Any], limit: int = 5) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
-from .io import FormatError, PathLike, describe, is_path, preview, read_text, source_name, write_json
+from .io import FormatError, PathLike, describe, is_path, read_text, source_name, unique_by_id, write_json
 
 __all__ = ["parse_truth_value", "sentence_key", "load_labels", "load_predictions", "write_predictions"]
 
@@ -80,8 +80,7 @@ def load_labels(data: Union[PathLike, List[Mapping[str, Any]]]) -> Dict[str, boo
         records = data
     if not isinstance(records, (list, tuple)):
         raise FormatError(f"{name}: expected NLVR2 records, got {describe(records)}")
-    labels: Dict[str, bool] = {}
-    dups = set()
+    pairs: List[Tuple[str, bool]] = []
     for i, rec in enumerate(records):
         where = f"{name}: record {i + 1}"
         if not isinstance(rec, Mapping):
@@ -96,11 +95,8 @@ def load_labels(data: Union[PathLike, List[Mapping[str, Any]]]) -> Dict[str, boo
             sentence_key(ident)
         except ValueError as err:
             raise FormatError(f"{where} ({ident}): {err}") from None
-        if ident in labels:
-            dups.add(ident)
-        labels[ident] = label
-    if dups:
-        raise FormatError(f"{name}: {len(dups)} duplicate identifiers: {preview(dups)}")
+        pairs.append((ident, label))
+    labels = unique_by_id(pairs, name, "duplicate identifiers")
     if not labels:
         raise FormatError(f"{name}: no examples")
     return labels
@@ -166,19 +162,13 @@ def load_predictions(results: Union[PathLike, List[Mapping[str, Any]], Mapping[s
             triples = _from_csv(text, name)
     else:
         triples = _from_records(results, name)
-    preds: Dict[str, bool] = {}
-    dups = set()
+    pairs: List[Tuple[str, bool]] = []
     for ident, raw, where in triples:
         try:
-            value = parse_truth_value(raw)
+            pairs.append((ident, parse_truth_value(raw)))
         except ValueError as err:
             raise FormatError(f"{where}: prediction {err}") from None
-        if ident in preds:
-            dups.add(ident)
-        preds[ident] = value
-    if dups:
-        raise FormatError(f"{name}: {len(dups)} identifiers predicted more than once: {preview(dups)}")
-    return preds
+    return unique_by_id(pairs, name, "identifiers predicted more than once")
 
 
 def write_predictions(path: PathLike, predictions: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]]) -> None:

@@ -33,7 +33,20 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
-from .io import FormatError, PathLike, describe, is_int, is_path, load_input, preview, read_json, source_name, write_json
+from .io import (
+    FormatError,
+    PathLike,
+    describe,
+    id_text_pairs,
+    is_int,
+    is_path,
+    load_input,
+    preview,
+    read_json,
+    source_name,
+    unique_by_id,
+    write_json,
+)
 
 __all__ = [
     "PUNCTUATION", "NUMBER_WORDS", "ARTICLES", "CONTRACTIONS", "clean_whitespace", "process_punctuation",
@@ -213,29 +226,9 @@ def parse_annotations(doc: Any, name: str) -> List[Mapping[str, Any]]:
 
 
 def parse_results(doc: Any, name: str) -> Dict[int, str]:
-    if not isinstance(doc, (list, tuple)):
-        raise FormatError(f"{name}: results must be a JSON array of "
-                               f'{{"question_id": int, "answer": str}}, got {describe(doc)}')
-    answers: Dict[int, str] = {}
-    dups = []
-    for i, r in enumerate(doc):
-        if not isinstance(r, Mapping):
-            raise FormatError(f"{name}: entry {i} is {describe(r)}, expected "
-                                   f'{{"question_id": int, "answer": str}}')
-        qid, ans = r.get("question_id"), r.get("answer")
-        if not is_int(qid):
-            raise FormatError(f"{name}: entry {i}: 'question_id' must be an integer, "
-                                   f"got {describe(qid)}")
-        if not isinstance(ans, str):
-            raise FormatError(f"{name}: entry {i} (question {qid}): 'answer' must be a string, "
-                                   f"got {describe(ans)}")
-        if qid in answers:
-            dups.append(qid)
-        answers[qid] = ans
-    if dups:
-        raise FormatError(f"{name}: {len(set(dups))} question ids answered more than once: "
-                               f"{preview(set(dups))}")
-    return answers
+    """``{question_id: answer}`` of a parsed result file; duplicates are an error."""
+    pairs = id_text_pairs(doc, name, "question_id", "answer", "question")
+    return unique_by_id(pairs, name, "question ids answered more than once")
 
 
 
