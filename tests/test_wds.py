@@ -543,3 +543,15 @@ def test_eval_split_leaves_no_rank_empty_and_reads_each_sample_once(monkeypatch,
     assert all(per_rank), "a rank received no evaluation sample"
     everything = sorted(s for part in per_rank for s in part)
     assert everything == sorted(s for shard in shards for s in shard)  # each sample exactly once
+
+
+def test_is_rank_zero_reads_the_launcher_variables(monkeypatch):
+    for var in W.RANK_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert W.is_rank_zero()
+    for var in W.RANK_VARIABLES:
+        monkeypatch.setenv(var, "0")
+        assert W.is_rank_zero()
+        monkeypatch.setenv(var, "2")
+        assert not W.is_rank_zero()
+        monkeypatch.delenv(var)
