@@ -46,7 +46,7 @@ from torch import Tensor
 from mmmoe.generation import GenerationOutput, PENALTY_STYLES, generate, strip_special
 from mmmoe.models import TokenHead
 from tasks.base import MMMoEModule
-from data_pipelines.formats.captions import load_references, write_caption_results
+from data_pipelines.formats.captions import coco_captions, load_references, write_caption_results
 from data_pipelines.formats.io import write_json
 from tasks.lm import next_token_labels, split_loader, to_device, token_losses
 
@@ -81,12 +81,7 @@ def karpathy_references(coco_file: str, splits: Tuple[str, ...] = ("train", "res
 
 def references_from_batches(refs: Dict[int, List[str]]) -> Dict[str, Any]:
     """COCO-format ground truth from the reference captions carried by the caption shards."""
-    images, annotations = [], []
-    for image_id, caps in refs.items():
-        images.append({"id": int(image_id)})
-        for cap in caps:
-            annotations.append({"image_id": int(image_id), "caption": cap, "id": len(annotations)})
-    return {"images": images, "annotations": annotations, "type": "captions"}
+    return coco_captions((image_id, [(cap, None) for cap in caps]) for image_id, caps in refs.items())
 
 
 def constant_baselines(

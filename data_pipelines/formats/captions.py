@@ -21,12 +21,12 @@ COCO-format caption ground truth: ``{"images": [{"id"}], "annotations": [{"image
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .io import FormatError, PathLike, describe, id_text_pairs, is_int, load_input, preview, unique_by_id, write_json
 
 __all__ = [
-    "KarpathyImage", "karpathy_image", "karpathy_records", "karpathy_split", "karpathy_to_coco",
+    "KarpathyImage", "karpathy_image", "karpathy_records", "karpathy_split", "karpathy_to_coco", "coco_captions",
     "load_references", "load_captions", "write_karpathy", "write_caption_results",
 ]
 
@@ -110,13 +110,20 @@ def karpathy_to_coco(dataset: Union[PathLike, Mapping[str, Any]], split: str = "
     in file order; annotation ids are the sentences' ``sentid`` when present, else running numbers.
     """
     doc, name = load_input(dataset, "coco")
-    images, annotations = [], []
-    for rec in karpathy_split(doc, split, name):
-        images.append({"id": rec.image_id})
-        for raw, sentid in rec.sentences:
-            annotations.append({"image_id": rec.image_id, "caption": raw,
-                                "id": sentid if is_int(sentid) else len(annotations)})
-    return {"images": images, "annotations": annotations, "type": "captions"}
+    return coco_captions((rec.image_id, rec.sentences) for rec in karpathy_split(doc, split, name))
+
+
+def coco_captions(images: Iterable[Tuple[int, Sequence[Tuple[str, Any]]]]) -> Dict[str, Any]:
+    """COCO-format caption ground truth from ``(image_id, [(caption, annotation id or None), ...])``
+    pairs: ``{"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}], "type": "captions"}``.
+    An annotation without an integer id gets its running number."""
+    out_images, annotations = [], []
+    for image_id, caps in images:
+        out_images.append({"id": int(image_id)})
+        for caption, ann_id in caps:
+            annotations.append({"image_id": int(image_id), "caption": caption,
+                                "id": ann_id if is_int(ann_id) else len(annotations)})
+    return {"images": out_images, "annotations": annotations, "type": "captions"}
 
 
 def references(gt: Any, split: str) -> Tuple[Dict[int, List[str]], str]:

@@ -2,7 +2,8 @@
 every format module uses.
 
 Writing: :func:`atomic_write` puts bytes (or text) in place through a temporary file in the same
-folder and ``os.replace``, so a reader never sees a half-written file and an interrupted write never
+folder and ``os.replace`` (:func:`atomic_open` gives that file to a streaming writer, e.g.
+``torch.save`` of a checkpoint), so a reader never sees a half-written file and an interrupted write never
 clobbers the previous one (``fsync=True`` also makes it survive a power cut). :func:`write_json` is
 that plus ``json.dumps`` (UTF-8, ``ensure_ascii=False``, a final newline); long result lists are
 written with ``indent=None``, on one line like the official ones.
@@ -14,16 +15,17 @@ what is wrong, in one line. Only JSON and plain text are ever read; nothing is u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
-    "FormatError", "PathLike", "atomic_write", "fsync_dir", "write_json", "is_path", "source_name", "read_text",
+    "FormatError", "PathLike", "atomic_open", "atomic_write", "fsync_dir", "write_json", "is_path", "source_name", "read_text",
     "read_json", "load_input", "id_text_pairs", "unique_by_id", "preview", "describe", "is_int", "one_line",
 ]
 
@@ -37,28 +39,35 @@ class FormatError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: PathLike, data: Union[bytes, str], fsync: bool = False, mkdir: bool = True) -> Path:
-    """Write ``data`` (str: as UTF-8) to ``path`` through a temporary file in the same folder and a
-    rename. ``fsync``: flush the file and the rename to disk. ``mkdir``: create the folder."""
+@contextlib.contextmanager
+def atomic_open(path: PathLike, fsync: bool = False, mkdir: bool = True) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` with: it is a temporary file in the same folder, renamed
+    over ``path`` when the block ends without an error (and removed when it raises), so ``path``
+    holds either its old or its complete new content. ``fsync``: flush the file and the rename to
+    disk. ``mkdir``: create the folder."""
     p = Path(path)
     if mkdir:
         p.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     if fsync:
         fsync_dir(p.parent)
-    return p
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str], fsync: bool = False, mkdir: bool = True) -> Path:
+    """Write ``data`` (str: as UTF-8) to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path, fsync=fsync, mkdir=mkdir) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 def fsync_dir(folder: PathLike) -> None:
