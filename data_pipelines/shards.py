@@ -6,6 +6,8 @@ manifest ``<out_dir>/<prefix>.manifest.json``, and returns the manifest dict.
 
 * Members are plain bytes: image files are copied byte for byte, text is UTF-8, metadata is JSON.
   Nothing is pickled.
+* Source records are checked by the format readers of ``data_pipelines.formats`` where one exists
+  (Karpathy image records, NLVR2 truth values); the manifest is written with its atomic JSON writer.
 * Each shard is written under a temporary name and renamed when complete, so a reader never sees a
   half-written ``.tar``; the manifest is written (also atomically) only after the last shard.
 * A record that cannot be used (missing or empty image file, bytes that are no known image format,
