@@ -112,15 +112,16 @@ def test_official_answer_normalisation(raw, expected):
 
 
 def _vqa_files(tmp_path):
-    qs = {"data_subtype": "val2014", "questions": [{"image_id": 1, "question": "what?", "question_id": 10},
-                                                   {"image_id": 1, "question": "how many?", "question_id": 11}]}
-    anns = {"data_subtype": "val2014", "annotations": [
+    qs = [{"image_id": 1, "question": "what?", "question_id": 10},
+          {"image_id": 1, "question": "how many?", "question_id": 11}]
+    anns = [
         {"question_id": qid, "image_id": 1, "question_type": "what", "answer_type": t, "multiple_choice_answer": mc,
          "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
-        for qid, t, mc, answers in ((10, "other", "Red", ["Red"] * 9 + ["blue"]), (11, "number", "two", ["two"] * 10))]}
+        for qid, t, mc, answers in ((10, "other", "Red", ["Red"] * 9 + ["blue"]), (11, "number", "two", ["two"] * 10))]
     qp, ap = tmp_path / "q.json", tmp_path / "a.json"
-    io.write_json(qp, qs)
-    io.write_json(ap, anns)
+    vqa.write_questions(qp, qs, "val2014")
+    vqa.write_annotations(ap, anns, "val2014")
+    assert json.loads(qp.read_text())["data_subtype"] == json.loads(ap.read_text())["data_subtype"] == "val2014"
     return qp, ap
 
 
@@ -163,7 +164,8 @@ def test_nlvr2_labels_and_predictions_round_trip(tmp_path):
     data = tmp_path / "dev.json"
     recs = [{"identifier": "dev-1-0-0", "sentence": "s", "label": "True"},
             {"identifier": "dev-1-1-0", "sentence": "s", "label": "False"}]
-    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    nlvr2.write_records(data, recs)
+    assert [json.loads(line) for line in data.read_text().splitlines()] == recs  # JSON lines
     assert nlvr2.load_labels(data) == {"dev-1-0-0": True, "dev-1-1-0": False}
     p = tmp_path / "nlvr2_predictions.json"
     nlvr2.write_predictions(p, {"dev-1-0-0": True, "dev-1-1-0": "false"})

@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
-from .io import FormatError, PathLike, describe, is_path, read_text, source_name, unique_by_id, write_json
+from .io import FormatError, PathLike, atomic_write, describe, is_path, read_text, source_name, unique_by_id, write_json
 
-__all__ = ["parse_truth_value", "sentence_key", "load_labels", "load_predictions", "write_predictions"]
+__all__ = [
+    "parse_truth_value", "sentence_key", "load_labels", "load_predictions", "write_predictions", "write_records",
+]
 
 
 def parse_truth_value(value: Any) -> bool:
@@ -177,3 +179,8 @@ def write_predictions(path: PathLike, predictions: Union[Mapping[str, Any], Sequ
     checked = load_predictions(predictions if isinstance(predictions, Mapping) else list(predictions))
     write_json(path, [{"identifier": i, "prediction": "True" if v else "False"} for i, v in checked.items()],
                indent=None)
+
+
+def write_records(path: PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Write an NLVR2 data file: one JSON object per line (atomically)."""
+    atomic_write(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))

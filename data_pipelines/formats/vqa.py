@@ -31,7 +31,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .io import (
     FormatError,
@@ -52,7 +52,7 @@ __all__ = [
     "PUNCTUATION", "NUMBER_WORDS", "ARTICLES", "CONTRACTIONS", "clean_whitespace", "process_punctuation",
     "process_digit_article", "normalize_answer", "parse_questions", "parse_annotations", "parse_results",
     "load_question_ids", "load_annotations", "load_results",
-    "write_results", "annotation_records", "build_answer_vocab", "answers_from", "read_answer_vocab",
+    "write_questions", "write_annotations", "write_results", "annotation_records", "build_answer_vocab", "answers_from", "read_answer_vocab",
     "answer_index", "write_answer_vocab",
 ]
 
@@ -248,6 +248,21 @@ def load_results(results_file: Any) -> Dict[int, str]:
     """``{question_id: answer}`` of a result file ``[{"question_id", "answer"}]`` (path or list)."""
     doc, name = load_input(results_file, "results")
     return parse_results(doc, name)
+
+
+def write_questions(path: PathLike, questions: Sequence[Mapping[str, Any]], data_subtype: str,
+                    info: Optional[Mapping[str, Any]] = None, license: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a VQAv2 questions file (the official header fields, Open-Ended, mscoco) atomically."""
+    write_json(path, {"info": dict(info or {}), "task_type": "Open-Ended", "data_type": "mscoco",
+                      "license": dict(license or {}), "data_subtype": data_subtype, "questions": list(questions)},
+               indent=None)
+
+
+def write_annotations(path: PathLike, annotations_list: Sequence[Mapping[str, Any]], data_subtype: str,
+                      info: Optional[Mapping[str, Any]] = None, license: Optional[Mapping[str, Any]] = None) -> None:
+    """Write a VQAv2 annotations file (the official header fields) atomically."""
+    write_json(path, {"info": dict(info or {}), "license": dict(license or {}), "data_subtype": data_subtype,
+                      "annotations": list(annotations_list)}, indent=None)
 
 
 def write_results(path: PathLike, answers: Union[Mapping[int, str], Sequence[Mapping[str, Any]]]) -> None:
