@@ -231,7 +231,6 @@ def parse_results(doc: Any, name: str) -> Dict[int, str]:
     return unique_by_id(pairs, name, "question ids answered more than once")
 
 
-
 def load_question_ids(questions: Any) -> List[int]:
     """Question ids of a questions file (path, parsed object or bare list), unique, in file order."""
     doc, name = load_input(questions, "questions")
@@ -381,4 +380,3 @@ def answer_index(answer_vocab: Union[str, os.PathLike, Mapping[str, int], Sequen
 def write_answer_vocab(path: PathLike, answers: Sequence[str]) -> None:
     """Write an answer vocabulary file: a JSON list, one answer per line (atomically)."""
     write_json(path, answers_from(list(answers), os.fspath(path)), indent=0)
-

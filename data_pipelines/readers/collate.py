@@ -141,4 +141,3 @@ class Collate(StreamRandom):
             if name in first:
                 batch[name] = [s[name] for s in samples]
         return batch
-

@@ -212,4 +212,3 @@ class DecodeCaption(StreamRandom):
             "image": _image(sample, schema.IMAGE_KEY, self.transform, self.generator),
             "text": encode_text(self.tokenizer, caption, self.max_len),
         }
-

@@ -138,4 +138,3 @@ def classify_error(exn: BaseException) -> Optional[str]:
     if isinstance(exn, (tario.TarFormatError, EOFError)):
         return "truncated_tar"
     return None
-

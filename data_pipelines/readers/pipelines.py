@@ -322,8 +322,6 @@ def language_probs(sizes: Mapping[str, float], alpha: float) -> Dict[str, float]
     return {lang: x / total for lang, x in w.items()}
 
 
-
-
 class WeightedMix(torch.utils.data.IterableDataset):
     """Draw each sample from one of several pipelines with fixed probabilities. In epoch mode a
     finished source drops out and the others are renormalised, so each sample still comes once."""

@@ -192,7 +192,6 @@ def split_by_worker(src: Iterable[Any]) -> Iterator[Any]:
         )
 
 
-
 def manifest_total(urls: Urls) -> Optional[int]:
     """Sample count from the ``<prefix>.manifest.json`` next to the shards (schema.py), if any."""
     first = expand_urls(urls)[0]
@@ -205,4 +204,3 @@ def manifest_total(urls: Urls) -> Optional[int]:
             return int(json.load(f)["total"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-

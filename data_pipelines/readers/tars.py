@@ -135,4 +135,3 @@ sample with a member named by an absolute path, a ``..`` part or control charact
 followed). Nothing is extracted or written anywhere. Memory stays bounded: at most one sample in
 progress, of at most ``len(keep)`` members (with ``keep`` given) of at most ``max_member_bytes`` each.
 """
-
