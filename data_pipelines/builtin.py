@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Union
 
 from data_pipelines import shards as W
+from data_pipelines.formats.io import atomic_write, write_json
 from data_pipelines.synthetic import generate
 
 PathLike = Union[str, os.PathLike]
@@ -40,9 +41,7 @@ def _split_lines(path: Path, stem: Path, heldout: float):
     stem.parent.mkdir(parents=True, exist_ok=True)
     train, val = Path(f"{stem}.train.txt"), Path(f"{stem}.val.txt")
     for target, part in ((train, lines[: len(lines) - n_val]), (val, lines[len(lines) - n_val:])):
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(part))
-        os.replace(tmp, target)
+        atomic_write(target, b"".join(part))
     return train, val
 
 
@@ -106,7 +105,5 @@ def make_builtin_dataset(
         add(name, W.write_nlvr2_shards(out / "nlvr2" / f"{split}.json", out / "nlvr2" / "images", sdir, prefix=name, **common))
 
     index = dict(params=params, root=str(out), datasets=made)
-    tmp = index_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, index_path)
+    write_json(index_path, index, indent=2)
     return index

@@ -1,4 +1,4 @@
-"""One LightningDataModule per task, each a thin shell around the readers in ``wds.py``.
+"""One LightningDataModule per task, each a thin shell around the readers in ``data_pipelines.readers``.
 
 A data module takes shard sets (brace patterns, ``<prefix>.manifest.json`` paths, or lists of
 either; see ``schema.py``), a tokenizer (a
@@ -9,7 +9,7 @@ image size; ``setup()`` builds the pipelines, the ``*_dataloader()`` methods wra
 Images: float32, ImageNet-normalised (B, 3, H, W) by default. ``normalize=False`` hands over
 uint8 images instead (a quarter of the bytes to allocate in shared memory, to pass from the
 workers and to copy to the GPU; with DataLoader workers it is the faster setting in
-``scripts/benchmark_data.py``); the model then calls ``data_pipelines.wds.normalize_images(batch)``,
+``scripts/benchmark_data.py``); the model then calls ``data_pipelines.readers.normalize_images(batch)``,
 e.g. in ``on_after_batch_transfer``, which gives the same float32 tensors on the device.
 
 Data parallelism: the task data modules (VQA, NLVR2, captions, text) read each training shard
@@ -26,7 +26,6 @@ end of every train and validation epoch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -34,7 +33,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import CombinedLoader
 
-from . import wds as readers
+from . import readers
+from .formats.vqa import answer_index, normalize_answer
 from .mixing import mixed_pipeline
 from .masking import IMAGE_MASK_RATIO, IMAGE_TEXT_MASK_RATIO, TEXT_ONLY_MASK_RATIO
 
@@ -56,13 +56,9 @@ def load_tokenizer(tokenizer: Any) -> Any:
 
 
 def load_answer_vocab(answer_vocab: Union[str, Mapping[str, int], Sequence[str]]) -> Dict[str, int]:
-    """{answer: index} from a mapping, a list of answers (index = position) or a JSON file of either."""
-    if isinstance(answer_vocab, str):
-        with open(answer_vocab, encoding="utf-8") as f:
-            answer_vocab = json.load(f)
-    if isinstance(answer_vocab, Mapping):
-        return {str(a): int(i) for a, i in answer_vocab.items()}
-    return {str(a): i for i, a in enumerate(answer_vocab)}
+    """{answer: index} from a mapping, a list of answers (index = position) or a JSON file of either
+    (``formats.vqa.answer_index``: indices must be 0..A-1, answers unique)."""
+    return answer_index(answer_vocab)
 
 
 class ReaderDataModule(pl.LightningDataModule):
@@ -70,7 +66,7 @@ class ReaderDataModule(pl.LightningDataModule):
 
     Seeds: every reader is seeded by the run's seed (``seed_everything`` of the config, which
     Lightning exports as ``PL_GLOBAL_SEED``; 0 without one) and its name, and within a reader by
-    epoch, rank and worker (``data_pipelines.wds``): the same config and seed give the same
+    epoch, rank and worker (``data_pipelines.readers``): the same config and seed give the same
     batches in every run, with any number of workers.
 
     Exact resume: the module counts the training batches the training loop has taken in the
@@ -366,8 +362,6 @@ class VQADataModule(_TaskDataModule):
     def _build(self, urls: Urls, split: str) -> readers.Pipeline:
         h = self.hparams
         with_answers = split != "test" or h.test_with_answers
-        from tasks.metrics.vqa import normalize_answer  # the official normalisation (the vocabulary's form)
-
         return readers.vqa_pipeline(
             urls, self.tokenizer, self.answer_vocab, image_size=h.image_size, train=split == "train", **self._stream_args(split),
             batch_size=h.batch_size, max_len=h.max_len, with_answers=with_answers, shuffle_buffer=h.shuffle_buffer,

@@ -2,7 +2,7 @@
 kind a reader must survive, mutations of good shards, and a checker that runs a real reader over
 a shard and reports what came out.
 
-Nothing here is used by training; it exists so the readers' guarantees (``wds.tar_to_samples``:
+Nothing here is used by training; it exists so the readers' guarantees (``readers.tar_to_samples``:
 no crash, nothing written, bounded memory, every good sample delivered, every bad one counted by
 kind) can be pinned down and fuzzed with the same code.
 
@@ -417,7 +417,7 @@ class ReadResult:
 def read_shard(raw: bytes, folder: str, image_size: int = 16, batch_size: int = 8) -> ReadResult:
     """Write ``raw`` as a shard in ``folder`` and read it with the image-text reader (eval mode:
     no shuffling, no augmentation); what came out, and whether anything escaped."""
-    from . import wds as W
+    from . import readers as W
 
     path = os.path.join(folder, "fuzz-000000.tar")
     with open(path, "wb") as f:

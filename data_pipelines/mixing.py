@@ -21,7 +21,7 @@ run out.
 Every sample carries ``source`` (its set's name) into the batch; :class:`MixProportionsCallback`
 counts them and logs the realised proportions as ``mix/<kind>/<set>`` (and ``mix/text/<lang>``
 for the language mix of text batches, whose languages are sampled with the exponent-smoothed
-weights p_l ~ n_l ** alpha of ``wds.text_pipeline``).
+weights p_l ~ n_l ** alpha of ``readers.text_pipeline``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 import webdataset.filters as wds_filters
 
-from data_pipelines import wds as readers
+from data_pipelines import readers
 
 Urls = Union[str, Iterable[str]]
 SOURCE_KEY = "source"
@@ -108,7 +108,7 @@ class MixedSource(torch.utils.data.IterableDataset):
 
 def mixed_pipeline(builder: Callable[..., readers.Pipeline], spec: Any, seed: int = 0,
                    epoch_samples: Optional[int] = None, where: str = "shards", **kwargs: Any) -> readers.Pipeline:
-    """``builder(urls, ..., **kwargs)`` (a ``wds.*_pipeline``) for plain urls; for a mapping of
+    """``builder(urls, ..., **kwargs)`` (a ``readers.*_pipeline``) for plain urls; for a mapping of
     shard sets (see ``parse_mix``), one reader per set mixed by weight, then batched as
     ``builder`` batches."""
     mix = parse_mix(spec, where)
@@ -127,8 +127,8 @@ def mixed_pipeline(builder: Callable[..., readers.Pipeline], spec: Any, seed: in
         batcher = last
     resampled = bool(kwargs.get("resampled", False))
     batch_size = int(kwargs.get("batch_size", 32))
-    epoch_batches = readers._epoch_batches(epoch_samples, batch_size, resampled)
-    tail = [wds.pipelinefilter(readers._limit_per_reader)(epoch_batches)] if epoch_batches is not None else []
+    epoch_batches = readers.epoch_batches(epoch_samples, batch_size, resampled)
+    tail = [wds.pipelinefilter(readers.limit_per_reader)(epoch_batches)] if epoch_batches is not None else []
     return readers.Pipeline(MixedSource(streams, {n: w for n, (_, w) in mix.items()}, seed=seed), batcher, *tail,
                             skips=skips)
 

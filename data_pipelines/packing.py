@@ -21,7 +21,7 @@ target after the first window has at least ``context - stride`` tokens of histor
 carry ``lm_targets`` (the next token of each input position, -100 where not scored).
 
 Everything streams (a bounded buffer per reader) and is deterministic: documents are assigned to
-(rank, DataLoader worker) readers by index, and shuffled (train) with ``wds.SeededShuffle`` seeded
+(rank, DataLoader worker) readers by index, and shuffled (train) with ``readers.SeededShuffle`` seeded
 by (seed, epoch, rank, worker); packing happens per reader and per language.
 
 Plain-text sources (``TextFileSource``): files, folders (every ``*.txt``, ``*.md``, ``*.rst``,
@@ -41,7 +41,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 import webdataset as wds
 
-from . import wds as readers
+from . import readers
 from .masking import IGNORE_INDEX
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -200,8 +200,8 @@ class DecodeDocument:
         if isinstance(sample.get("text"), str):
             text, lang = sample["text"], sample.get("lang") or self.lang
         else:
-            text = readers._text(sample)
-            lang = readers._meta(sample, required=False).get("lang") or self.lang
+            text = readers.text_member(sample)
+            lang = readers.meta_member(sample, required=False).get("lang") or self.lang
         return {"key": sample["__key__"], "ids": [*self.tokenizer.encode(text), self.tokenizer.eos_id], "lang": str(lang)}
 
 
@@ -342,7 +342,7 @@ def packed_text_pipeline(
                 head.append(readers.SeededShuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
             sizes[lang] = float(stop - start) if stop is not None else float(sum(f.stat().st_size for f in head[0].files) or 1)
         else:
-            head = readers._reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer, seed)
+            head = readers.reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer, seed)
             sizes[lang] = float(readers.manifest_total(urls) or len(readers.expand_urls(urls)))
         tail = (_stage(sliding_windows, context, stride, tokenizer.eos_id) if windows
                 else _stage(pack_sequences, context, last))
@@ -351,7 +351,7 @@ def packed_text_pipeline(
     collate = PackedCollate(tokenizer, mlm_ratio=mlm_ratio)
     return readers.Pipeline(
         readers.WeightedMix(sources, probs, seed=seed),
-        *readers._batch_stages(collate, batch_size, readers._epoch_batches(epoch_samples, batch_size, resampled)),
+        *readers.batch_stages(collate, batch_size, readers.epoch_batches(epoch_samples, batch_size, resampled)),
         skips=skips,
     )
 

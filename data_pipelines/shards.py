@@ -6,6 +6,8 @@ manifest ``<out_dir>/<prefix>.manifest.json``, and returns the manifest dict.
 
 * Members are plain bytes: image files are copied byte for byte, text is UTF-8, metadata is JSON.
   Nothing is pickled.
+* Source records are checked by the format readers of ``data_pipelines.formats`` where one exists
+  (Karpathy image records, NLVR2 truth values); the manifest is written with its atomic JSON writer.
 * Each shard is written under a temporary name and renamed when complete, so a reader never sees a
   half-written ``.tar``; the manifest is written (also atomically) only after the last shard.
 * A record that cannot be used (missing or empty image file, bytes that are no known image format,
@@ -35,6 +37,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from data_pipelines import tario
+from data_pipelines.formats.captions import karpathy_image, karpathy_records
+from data_pipelines.formats.io import FormatError, write_json
+from data_pipelines.formats.nlvr2 import parse_truth_value
 from data_pipelines.safe_io import read_regular_file
 from data_pipelines.schema import (
     IMAGE_KEY,
@@ -423,11 +428,7 @@ class ShardWriter:
             "skipped": self.skipped,
             "created_by": "mmmoe",
         }
-        tmp = self.manifest_path.with_name(self.manifest_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, self.manifest_path)
+        write_json(self.manifest_path, manifest)
         self._manifest = manifest
         if self.skipped:
             logger.warning(
@@ -567,10 +568,10 @@ def write_karpathy_shards(
         splits = (splits,)
     src = _require_file(dataset_json, "Karpathy split file")
     root = _require_dir(image_root, "image root")
-    data = _load_json(src)
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise ValueError(f"{src}: expected a Karpathy split file with an 'images' list")
+    try:
+        images = karpathy_records(_load_json(src), str(src))
+    except FormatError as e:
+        raise ValueError(f"{e} (expected a Karpathy split file with an 'images' list)") from None
     wanted = set(splits)
     prefix = prefix or f"coco-{kind}-{'-'.join(splits)}"
 
@@ -578,22 +579,18 @@ def write_karpathy_shards(
                      rename_duplicate_keys=True) as w:
         for n, img in enumerate(images):
             try:
-                if img.get("split") not in wanted:
+                if isinstance(img, dict) and img.get("split") not in wanted:
                     continue
-                image_id = img["cocoid"] if "cocoid" in img else img["imgid"]
-                captions = []
-                for s in img.get("sentences", []):
-                    raw = s.get("raw")
-                    if raw is None:
-                        raw = " ".join(s.get("tokens", []))
-                    raw = str(raw).strip()
-                    if raw:
-                        captions.append((s.get("sentid"), raw))
+                rec = karpathy_image(img, f"{src}: images[{n}]")
+                image_id = rec.image_id
+                captions = [(sentid, raw.strip()) for raw, sentid in rec.sentences if raw.strip()]
                 if not captions:
                     raise BadRecord(f"image {image_id} has no captions")
-                path = _safe_join(root, img.get("filepath") or "", img["filename"])
-            except (KeyError, TypeError, AttributeError, RecursionError) as e:
-                w.skip(f"malformed image record #{n} in {src}: {e!r}")
+                if not rec.filename:
+                    raise BadRecord(f"image {image_id} has no 'filename'")
+                path = _safe_join(root, rec.filepath, rec.filename)
+            except (FormatError, RecursionError) as e:
+                w.skip(f"malformed image record: {e}")
                 continue
             except BadRecord as e:
                 w.skip(str(e))
@@ -609,7 +606,7 @@ def write_karpathy_shards(
                 w.write_or_skip({
                     "__key__": base,
                     IMAGE_KEY: jpg,
-                    META_KEY: {"image_id": image_id, "split": img["split"],
+                    META_KEY: {"image_id": image_id, "split": rec.split,
                                "captions": [c for _, c in captions]},
                 }, f"image {image_id}")
             else:
@@ -885,11 +882,10 @@ def write_vqa_shards(
 def _parse_nlvr2_label(value: Any) -> Optional[bool]:
     if value is None:
         return None
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise BadRecord(f"label {value!r} is not 'True' or 'False'")
+    try:
+        return parse_truth_value(value)
+    except ValueError:
+        raise BadRecord(f"label {value!r} is not 'True' or 'False'") from None
 
 
 def write_nlvr2_shards(

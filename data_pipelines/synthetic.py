@@ -43,6 +43,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .formats import captions, nlvr2, vqa
+from .formats.io import atomic_write
+
 __all__ = [
     "generate",
     "sample_scene",
@@ -671,20 +674,16 @@ class _Writer:
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        _atomic_write(path, data)
+        atomic_write(path, data)
         self.files.append(rel)
 
     def write_json(self, rel: str, obj) -> None:
         self.write(rel, json.dumps(obj))
 
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    def path(self, rel: str) -> Path:
+        """Where a format writer (``data_pipelines.formats``) puts the file ``rel``; recorded."""
+        self.files.append(rel)
+        return self.root / rel
 
 
 _OWNED_PATTERNS = {
@@ -767,7 +766,7 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
                 "counts": meta["counts"], "paths": _paths(root)}
     owned = meta is not None
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write(root / META_NAME, json.dumps({"params": params, "complete": False}))
+    atomic_write(root / META_NAME, json.dumps({"params": params, "complete": False}))
     w = _Writer(root)
     scenes: dict = {"image_size": image_size, "coco": {}, "nlvr2": {}}
     counts: dict = {}
@@ -813,16 +812,14 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
                                "answers": answers, "image_id": cocoid, "answer_type": tpl.answer_type,
                                "question_id": qid})
 
-    w.write_json("coco/dataset_coco.json", {"images": images, "dataset": "coco"})
+    captions.write_karpathy(w.path("coco/dataset_coco.json"), images)
     counts["coco"] = {"images": num_images, "captions": 5 * num_images,
                       **{s: split.count(s) for s in ("train", "restval", "val", "test")}}
     counts["vqav2"] = {}
     for sub in ("train2014", "val2014"):
-        w.write_json(f"vqav2/v2_OpenEnded_mscoco_{sub}_questions.json",
-                     {"info": _INFO, "task_type": "Open-Ended", "data_type": "mscoco", "license": _LICENSE,
-                      "data_subtype": sub, "questions": vqa_q[sub]})
-        w.write_json(f"vqav2/v2_mscoco_{sub}_annotations.json",
-                     {"info": _INFO, "license": _LICENSE, "data_subtype": sub, "annotations": vqa_a[sub]})
+        vqa.write_questions(w.path(f"vqav2/v2_OpenEnded_mscoco_{sub}_questions.json"), vqa_q[sub], sub,
+                            _INFO, _LICENSE)
+        vqa.write_annotations(w.path(f"vqav2/v2_mscoco_{sub}_annotations.json"), vqa_a[sub], sub, _INFO, _LICENSE)
         types = Counter(a["answer_type"] for a in vqa_a[sub])
         counts["vqav2"][sub] = {"images": len({q["image_id"] for q in vqa_q[sub]}), "questions": len(vqa_q[sub]),
                                 **{t: types.get(t, 0) for t in ("yes/no", "number", "other")}}
@@ -865,8 +862,8 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
                         rec["directory"] = set_id % 100
                     else:
                         rec["extra_validations"] = {str(int(srng.integers(1, 200)) + 200 * j): label for j in range(4)}
-                    lines.append(json.dumps(rec))
-        w.write(f"nlvr2/{sp}.json", "".join(line + "\n" for line in lines))
+                    lines.append(rec)
+        nlvr2.write_records(w.path(f"nlvr2/{sp}.json"), lines)
         counts["nlvr2"][sp] = {"sets": n_sets, "pairs": pair_counts[sp], "examples": len(lines),
                                "true": tf[0], "false": tf[1]}
 
@@ -893,7 +890,7 @@ def generate(out_dir, num_images: int = 300, seed: int = 0, image_size: int = 96
     w.write_json(SCENES_NAME, scenes)
     if owned:
         _cleanup(root, set(w.files))
-    _atomic_write(root / META_NAME, json.dumps({"params": params, "complete": True, "counts": counts,
+    atomic_write(root / META_NAME, json.dumps({"params": params, "complete": True, "counts": counts,
                                                 "files": sorted(w.files)}))
     return {"out_dir": str(root), "params": params, "cached": False, "seconds": time.perf_counter() - t0,
             "counts": counts, "paths": _paths(root)}

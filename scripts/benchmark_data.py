@@ -4,11 +4,11 @@
 Writes COCO-sized JPEGs (640x480, quality 90; gradients, shapes, texture and noise, ~95 kB each)
 with captions, as loose files and as WebDataset shards, then measures samples/s of:
 
-  ours       data_pipelines.wds.image_text_pipeline (the pretraining reader, defaults): tar parse,
+  ours       data_pipelines.readers.image_text_pipeline (the pretraining reader, defaults): tar parse,
              JPEG draft decode, random resized crop to 224, tokenize (SentencePiece trained on
              the captions), block-wise patch mask + MLM mask, batch of float32 normalised images
   ours-u8    the same with normalize=False: uint8 image batches, normalised after the transfer
-             to the accelerator (data_pipelines.wds.normalize_images); a quarter of the bytes to
+             to the accelerator (data_pipelines.readers.normalize_images); a quarter of the bytes to
              allocate and to hand from the workers to the main process
   stock      webdataset .decode("pil") + torchvision RandomResizedCrop / ToTensor / Normalize, the
              same tokenizer, stock batching (and no masks: less work than ours)
@@ -53,7 +53,7 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipelines import schema  # noqa: E402
-from data_pipelines import wds as readers  # noqa: E402
+from data_pipelines import readers  # noqa: E402
 
 WORDS = (
     "a man woman child dog cat bus train plate of food sitting standing on the table street next to "

@@ -2,7 +2,7 @@
 """Fuzz the shard readers with hostile and damaged shards for a fixed time; report what came out.
 
 Each iteration writes one shard into a scratch folder and reads it with the image-text reader
-(``data_pipelines.wds.image_text_pipeline``, eval mode: tar parsing, member grouping, image
+(``data_pipelines.readers.image_text_pipeline``, eval mode: tar parsing, member grouping, image
 decoding, tokenizing, batching), alternating these kinds of shard:
 
   hostile   good samples around a random set of hostile samples (``data_pipelines.hostile.HOSTILE``:
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from data_pipelines import hostile as H  # noqa: E402
-from data_pipelines import wds as _readers  # noqa: E402,F401 - imported before tracing starts
+from data_pipelines import readers as _readers  # noqa: E402,F401 - imported before tracing starts
 
 ESCAPE_TARGETS = ("/tmp/mmmoe-evil", "../../mmmoe-evil", "../mmmoe-evil", "mmmoe-evil")
 

@@ -146,7 +146,7 @@ def expert_activation(backbone, paths: Dict[str, Path], args: argparse.Namespace
     """Routing statistics of the pretrained backbone on held-out image-text pairs (no masking)."""
     import torch
 
-    from data_pipelines import wds as readers
+    from data_pipelines import readers
     from data_pipelines.tokenizer import Tokenizer
     from tasks.base import ExpertActivation
 

@@ -26,9 +26,9 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
+from data_pipelines.formats.io import atomic_open
 from mmmoe.models import BackboneOutput, BackboneSpec, MultiwayTransformer, create_model
 from mmmoe.models.multiway_transformer import INPUT_KINDS
-from mmmoe.moe import MHMoE
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
@@ -158,27 +158,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     CRC32 of its tensors (``CHECKSUM_KEY``), which ``load_state_file`` verifies."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         checkpoint = {**checkpoint, CHECKSUM_KEY: {"crc32": tensor_checksum(checkpoint)}}
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            try:  # make the rename itself durable
-                fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_open(path, fsync=True) as f:  # the file and the rename flushed to disk
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> Dict[str, Any]:
         return load_state_file(path)
@@ -612,7 +594,7 @@ class MMMoEModule(pl.LightningModule):
         """uint8 images (data modules built with ``normalize=False``, the fast path: 4x less to
         move and normalisation on the device) become normalised float32 here; float images pass."""
         if isinstance(batch, dict):
-            from data_pipelines.wds import normalize_images
+            from data_pipelines.readers import normalize_images
 
             normalize_images(batch)
         return batch

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from mmmoe.generation import GenerationOutput, PENALTY_STYLES, generate, strip_special
 from mmmoe.models import TokenHead
+from data_pipelines.formats.captions import coco_captions, load_references, write_caption_results
 from tasks.base import MMMoEModule, eval_mode
 from tasks.evaluation import split_loader, unique_sorted
 from tasks.lm import next_token_labels, token_losses
@@ -70,8 +71,6 @@ def most_frequent_caption(captions: List[str]) -> str:
 
 def karpathy_references(coco_file: str, splits: Tuple[str, ...] = ("train", "restval")) -> Dict[int, List[str]]:
     """``{image id: raw captions}`` of the images of ``splits`` of a Karpathy dataset_coco.json."""
-    from tasks.metrics.caption import load_references
-
     refs: Dict[int, List[str]] = {}
     for split in splits:
         try:
@@ -83,12 +82,7 @@ def karpathy_references(coco_file: str, splits: Tuple[str, ...] = ("train", "res
 
 def references_from_batches(refs: Dict[int, List[str]]) -> Dict[str, Any]:
     """COCO-format ground truth from the reference captions carried by the caption shards."""
-    images, annotations = [], []
-    for image_id, caps in refs.items():
-        images.append({"id": int(image_id)})
-        for cap in caps:
-            annotations.append({"image_id": int(image_id), "caption": cap, "id": len(annotations)})
-    return {"images": images, "annotations": annotations, "type": "captions"}
+    return coco_captions((image_id, [(cap, None) for cap in caps]) for image_id, caps in refs.items())
 
 
 def constant_baselines(
@@ -159,7 +153,7 @@ def score_results(
 ) -> Tuple[Dict[str, float], Dict[str, Any]]:
     """Official caption metrics of ``results`` (+ the constant-caption baselines when
     ``train_refs`` is given) as flat floats, and the baseline details."""
-    from tasks.metrics.caption import caption_scores, load_references
+    from tasks.metrics.caption import caption_scores
 
     gt: Any = coco_file if coco_file else references_from_batches(batch_refs)
     scores = caption_scores(gt, results, split=split, allow_subset=True)
@@ -321,8 +315,6 @@ class CaptionModule(MMMoEModule):
             refs = {int(k): v for _, rf in parts for k, v in rf.items()}
         if self.global_rank == 0:
             if self.hparams.eval_coco:
-                from tasks.metrics.caption import load_references
-
                 all_refs = load_references(self.hparams.eval_coco, "val")
                 refs = {r["image_id"]: all_refs[r["image_id"]] for r in results if r["image_id"] in all_refs}
             scores = quick_scores(refs, {r["image_id"]: r["caption"] for r in results if r["image_id"] in refs})
@@ -413,7 +405,7 @@ class CaptionModule(MMMoEModule):
         metrics plus the constant-caption baselines (see the module docstring)."""
         results = [{"image_id": r["image_id"], "caption": r["caption"]} for r in records]
         refs = {r["image_id"]: r["references"] for r in records}
-        out.json(RESULTS_FILE, results)
+        write_caption_results(out.path(RESULTS_FILE), results)
         if not self.hparams.eval_coco and not any(refs.values()):
             log.warning("no reference captions (no eval_coco, none in the shards): wrote %s, no scores",
                         out.path(RESULTS_FILE))

@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time

@@ -21,7 +21,7 @@ accepts). A class may instead define ``predict_cli(self, args)`` (or its Python 
 
 Helpers for task modules: :func:`load_image` (one file -> 1 x 3 x S x S, the data modules' eval
 transform and ImageNet normalisation, hostile files refused clearly), :func:`encode_text_batch` /
-:func:`module_tokenizer` (text with the checkpoint's tokenizer), :func:`write_json` (atomic).
+:func:`module_tokenizer` (text with the checkpoint's tokenizer), :func:`write_json` (atomic; ``data_pipelines.formats.io``).
 
 CHECKPOINTS are only read weights-only (:func:`tasks.base.load_state_file`, also inside the
 Trainer through ``tasks.base.AtomicCheckpointIO``): a file that needs unpickling is refused (exit
@@ -53,6 +53,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from data_pipelines.formats.io import write_json  # noqa: F401 - the one atomic JSON writer (re-exported)
 
 PathLike = Union[str, os.PathLike]
 
@@ -205,17 +207,6 @@ def _section(cfg: Mapping[str, Any], name: str, where: str) -> Tuple[Optional[st
     return sec.get("class_path"), dict(init)
 
 
-def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1) -> Path:
-    """Write JSON atomically (temporary file + rename), creating the folder. Result files (long
-    lists) are written with ``indent=None``: one line, like the official ones."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-    return p
-
-
 # ------------------------------------------------------------------------------ mmmoe evaluate
 def _key_value(text: str) -> Tuple[str, Any]:
     """``NAME=VALUE``; VALUE parsed as JSON when it is valid JSON (numbers, true, null, lists), else a string."""
@@ -322,9 +313,9 @@ def run_evaluate(ns: argparse.Namespace) -> int:
         print(f"mmmoe evaluate: error: {ns.ckpt} does not match the model of the config: {first} "
               "(is it a checkpoint of this run?)", file=sys.stderr)
         return 2
-    from tasks.fit_cli import _is_rank_zero
+    from data_pipelines.readers import is_rank_zero
 
-    if _is_rank_zero():  # the other processes of a multi-process evaluation print nothing
+    if is_rank_zero():  # the other processes of a multi-process evaluation print nothing
         print(json.dumps(metrics, indent=1))
     return 0
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Union
 import pytorch_lightning as pl
 import torch
 
-from tasks.evaluate_cli import write_json
+from data_pipelines.formats.io import write_json
 
 #: the splits an evaluation reads (the choices of ``mmmoe evaluate --split``)
 SPLITS = ("val", "test")

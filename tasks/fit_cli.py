@@ -322,13 +322,6 @@ def missing_builtin_paths(values: Any, root: Union[str, os.PathLike]) -> List[st
     return sorted(set(out))
 
 
-def _is_rank_zero() -> bool:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "0") not in ("", "0"):
-            return False
-    return True
-
-
 def prepare_builtin_data(
     values: Any,
     root: Union[str, os.PathLike] = BUILTIN_ROOT,
@@ -351,7 +344,9 @@ def prepare_builtin_data(
     missing = missing_builtin_paths(values, root)
     if not missing:
         return []
-    if not _is_rank_zero():
+    from data_pipelines.readers import is_rank_zero
+
+    if not is_rank_zero():
         deadline = time.monotonic() + wait_s
         while missing_builtin_paths(values, root):
             if time.monotonic() > deadline:

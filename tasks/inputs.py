@@ -44,7 +44,7 @@ def module_tokenizer(module: Any) -> Any:
 def encode_text_batch(module: Any, texts: Sequence[str], max_len: Optional[int] = None) -> Tuple[Any, Any]:
     """``[bos] + tokens + [eos]`` ids (B x L, right-padded) and padding mask (True = padding) on the
     module's device, cut to the model's ``max_text_len``."""
-    from data_pipelines.wds import encode_text, pad_text
+    from data_pipelines.readers import encode_text, pad_text
 
     tok = module_tokenizer(module)
     max_len = max_len or module.config.max_text_len

@@ -37,11 +37,12 @@ from torch import Tensor
 
 from mmmoe.generation import generate, strip_special
 from mmmoe.models import TokenHead
+from data_pipelines.masking import IGNORE_INDEX
 from tasks.base import MMMoEModule, eval_mode
 from tasks.evaluation import split_loader
+from tasks.losses import masked_token_loss
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 SPECIAL_IDS = (0, 1, 2, 3, 4)  # pad, unk, bos, eos, mask: the fixed mmmoe tokenizer layout
 
 
@@ -61,13 +62,9 @@ def token_losses(
 
     Returns ``(loss, nll_N, index_N)``: the mean training loss (with label smoothing), the plain
     per-token NLL (no smoothing, detached, float) and the row of each scored token."""
-    sel_BL = labels_BL != IGNORE_INDEX
-    targets_N = labels_BL[sel_BL]
-    if targets_N.numel() == 0:
-        zero = hidden_BLD.sum() * 0.0
-        return zero, hidden_BLD.new_zeros(0, dtype=torch.float32), targets_N
-    logits_NV = head(hidden_BLD[sel_BL]).float()
-    loss = F.cross_entropy(logits_NV, targets_N, label_smoothing=label_smoothing)
+    loss, logits_NV, targets_N, sel_BL = masked_token_loss(head, hidden_BLD, labels_BL, label_smoothing)
+    if logits_NV is None:
+        return loss, hidden_BLD.new_zeros(0, dtype=torch.float32), targets_N
     with torch.no_grad():
         nll_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
     rows_N = sel_BL.nonzero()[:, 0]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmmoe.models import BackboneOutput, NLVR2Head
+from data_pipelines.formats.nlvr2 import load_labels, write_predictions
 from tasks.base import MMMoEModule, eval_mode
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,6 @@ class NLVR2Module(MMMoEModule):
         """(majority training label, where it came from)."""
         train_data = self.hparams.get("train_data")
         if train_data:
-            from tasks.metrics.nlvr2 import load_labels
-
             labels = list(load_labels(train_data).values())
             return sum(labels) * 2 > len(labels), f"train_data {train_data}"
         n_false, n_true = (int(x) for x in self.train_label_counts.tolist())
@@ -153,12 +152,12 @@ class NLVR2Module(MMMoEModule):
         """Write ``nlvr2_predictions.json``; with the split's labels, the official accuracy and
         consistency and the two trivial baselines (``nlvr2_scores.json``)."""
         gt = self.ground_truth(split)
-        out.json("nlvr2_predictions.json", records, indent=None)
+        write_predictions(out.path("nlvr2_predictions.json"), records)
         metrics: Dict[str, float] = {"nlvr2_num_examples": float(len(records))}
         if gt is None:
             log.info("no labels for the %s split: wrote %s only", split, out.path("nlvr2_predictions.json"))
             return metrics
-        from tasks.metrics.nlvr2 import load_labels, nlvr2_scores
+        from tasks.metrics.nlvr2 import nlvr2_scores
 
         scores = nlvr2_scores(gt, records)
         labels = load_labels(gt)

@@ -23,16 +23,15 @@ logs the same losses under ``val/`` and ``val/loss`` (task losses only, no aux, 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmmoe.models import TokenHead
 from mmmoe.models.heads import MIMHead
 from tasks.base import MMMoEModule
+from tasks.losses import masked_token_loss
 
-IGNORE_INDEX = -100
 KINDS = ("image_text", "image", "text")
 
 
@@ -110,13 +109,9 @@ class PretrainModule(MMMoEModule):
     def mlm_loss(self, text_hidden_BLD: Tensor, labels_BL: Tensor) -> Tuple[Tensor, Tensor]:
         """Cross-entropy on the positions with a label (!= -100) and their accuracy. Only those
         positions go through the head."""
-        sel_BL = labels_BL != IGNORE_INDEX
-        if not bool(sel_BL.any()):
-            zero = text_hidden_BLD.sum() * 0.0
-            return zero, zero.detach()
-        logits_MV = self.mlm_head(text_hidden_BLD[sel_BL]).float()
-        target_M = labels_BL[sel_BL]
-        loss = F.cross_entropy(logits_MV, target_M)
+        loss, logits_MV, target_M, _ = masked_token_loss(self.mlm_head, text_hidden_BLD, labels_BL)
+        if logits_MV is None:
+            return loss, loss.detach()
         acc = (logits_MV.argmax(-1) == target_M).float().mean()
         return loss, acc.detach()
 

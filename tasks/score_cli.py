@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Callable, Dict
 
 _EPILOG_EXIT = ("exit status: 0 = scores printed as JSON on stdout; 2 = an input file is missing, "
@@ -105,6 +104,7 @@ def _emit(result: Dict[str, Any]) -> None:
 
 
 def run_vqa(ns: argparse.Namespace) -> int:
+    from data_pipelines.formats.io import write_json
     from tasks.metrics import MetricInputError
     from tasks.metrics.vqa import vqa_accuracy
 
@@ -114,7 +114,7 @@ def run_vqa(ns: argparse.Namespace) -> int:
         return _fail("vqa", str(err), 2)
     if ns.save:
         try:
-            Path(ns.save).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(ns.save, result, indent=2)
         except OSError as err:
             return _fail("vqa", f"{ns.save}: cannot write: {err.strerror or err}", 2)
     _emit({k: result[k] for k in ("overall", "perAnswerType", "perQuestionType", "num_questions")})

@@ -5,7 +5,7 @@ pools the first token (the image CLS) and classifies it over the answer vocabula
 then Linear(D, 2D) -> LayerNorm -> GELU -> Linear(2D, A)). Prediction = the argmax answer.
 
 Targets are the official soft scores: an answer given by n of the 10 annotators scores min(1, n/3)
-after the official answer normalisation (``tasks.metrics.vqa.normalize_answer``). They are computed
+after the official answer normalisation (``data_pipelines.formats.vqa.normalize_answer``). They are computed
 here from the raw ``answers`` of the batch, so they are right whatever the data module did with the
 answer strings; a batch without ``answers`` falls back to its ``vqa_targets``.
 
@@ -15,7 +15,7 @@ gradient does not shrink with a larger vocabulary); ``"mean"`` = the plain mean.
 
 Answer vocabulary (``answer_vocab``): a list of answers (index = position) or the path of a JSON file
 holding such a list (or an ``{answer: index}`` object, the format ``VQADataModule`` also reads). A
-missing file is built from ``train_annotations`` with ``tasks.metrics.vqa.build_answer_vocab``
+missing file is built from ``train_annotations`` with ``data_pipelines.formats.vqa.build_answer_vocab``
 (answers given as ``multiple_choice_answer`` at least ``min_answer_freq`` times; frequency-sorted)
 and written there, so the data module (which reads the same path) finds it. The module keeps the
 list itself in its hyperparameters: a checkpoint needs no vocabulary file.
@@ -33,10 +33,8 @@ Shape legend: B batch, L question tokens, S sequence (image tokens + L), D width
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -44,6 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_pipelines.formats.vqa import (  # noqa: F401 - read_answer_vocab: still importable from here
+    answers_from,
+    build_answer_vocab,
+    normalize_answer,
+    read_answer_vocab,
+    write_answer_vocab,
+    write_results,
+)
 from mmmoe.models import BackboneOutput, MultiwayTransformer, VQAHead
 from tasks.base import MMMoEModule, eval_mode
 
@@ -53,41 +59,6 @@ LOSS_REDUCTIONS = ("beit3", "mean")
 
 
 # ------------------------------------------------------------------------------ answer vocabulary
-def read_answer_vocab(path: Union[str, os.PathLike]) -> List[str]:
-    """Answers by index from a JSON list, or from an ``{answer: index}`` object with indices 0..A-1."""
-    p = Path(path)
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"answer vocabulary {str(p)!r} does not exist") from None
-    except ValueError as exc:
-        raise ValueError(f"answer vocabulary {str(p)!r} is not valid JSON: {exc}") from None
-    return answers_from(obj, str(p))
-
-
-def answers_from(obj: Any, where: str = "answer_vocab") -> List[str]:
-    """Check and normalise a vocabulary given as a list of answers or an {answer: index} mapping."""
-    if isinstance(obj, Mapping):
-        items = sorted(obj.items(), key=lambda kv: kv[1])
-        if [i for _, i in items] != list(range(len(items))):
-            raise ValueError(f"{where}: indices of an {{answer: index}} vocabulary must be 0..{len(items) - 1}, "
-                             "each used once")
-        answers = [a for a, _ in items]
-    elif isinstance(obj, (list, tuple)):
-        answers = list(obj)
-    else:
-        raise ValueError(f"{where}: expected a list of answers or an {{answer: index}} object, "
-                         f"got {type(obj).__name__}")
-    if not answers:
-        raise ValueError(f"{where}: the answer vocabulary is empty")
-    if not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{where}: answers must be strings")
-    dup = [a for a, n in Counter(answers).items() if n > 1]
-    if dup:
-        raise ValueError(f"{where}: duplicated answers {dup[:5]}")
-    return answers
-
-
 def ensure_answer_vocab(
     path: Union[str, os.PathLike],
     annotations: Optional[Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]] = None,
@@ -103,23 +74,16 @@ def ensure_answer_vocab(
             f"answer vocabulary {str(p)!r} does not exist; give the training annotations "
             "(train_annotations) to build it, or write it with tasks.vqa.ensure_answer_vocab"
         )
-    from tasks.metrics.vqa import build_answer_vocab
-
     answers = build_answer_vocab(_as_list(annotations), min_freq=min_freq)
     if not answers:
         raise ValueError(f"no answer of {annotations} occurs min_answer_freq={min_freq} times; lower it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(answers, ensure_ascii=False, indent=0), encoding="utf-8")
-    os.replace(tmp, p)
+    write_answer_vocab(p, answers)
     log.info("wrote answer vocabulary of %d answers (min freq %d) to %s", len(answers), min_freq, p)
     return answers
 
 
 def majority_training_answer(annotations: Any) -> str:
     """The most common normalised ``multiple_choice_answer`` (ties: alphabetical first)."""
-    from tasks.metrics.vqa import build_answer_vocab
-
     answers = build_answer_vocab(_as_list(annotations), min_freq=1)
     if not answers:
         raise ValueError(f"{annotations}: no answers")
@@ -206,8 +170,7 @@ class VQAModule(MMMoEModule):
         answers = batch.get("answers")
         if answers is None:
             raise KeyError("a VQA training batch needs 'answers' or 'vqa_targets'")
-        from data_pipelines.wds import vqa_soft_scores
-        from tasks.metrics.vqa import normalize_answer
+        from data_pipelines.readers import vqa_soft_scores
 
         t_BA = torch.zeros(len(answers), self.num_answers)
         for i, human in enumerate(answers):
@@ -276,7 +239,7 @@ class VQAModule(MMMoEModule):
         """Write ``vqa_results.json``; with the split's ground truth, score it with the official VQA
         accuracy (per answer type) and the majority-answer baseline (``vqa_scores.json``)."""
         questions, annotations = self.ground_truth(split)
-        out.json("vqa_results.json", records, indent=None)
+        write_results(out.path("vqa_results.json"), records)
         metrics: Dict[str, float] = {"vqa_num_questions": float(len(records))}
         if questions is None:
             log.info("no ground truth for the %s split: wrote %s only", split, out.path("vqa_results.json"))

@@ -14,7 +14,7 @@ from data_pipelines import datamodules as D
 from data_pipelines.builtin import make_builtin_dataset
 from data_pipelines.shards import iter_tar_samples, manifest_shard_paths, write_karpathy_shards
 from data_pipelines.tokenizer import Tokenizer, train_tokenizer
-from data_pipelines.wds import SKIP_KINDS
+from data_pipelines.readers import SKIP_KINDS
 
 IMAGE = 32  # the built-in images are drawn at 32 px here; every reader resizes to this
 

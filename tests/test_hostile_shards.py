@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from data_pipelines import hostile as H
 from data_pipelines import tario
-from data_pipelines import wds as W
+from data_pipelines import readers as W
 from data_pipelines.transforms import decode_image
 
 STRUCTURAL = sorted(n for n, h in H.HOSTILE.items() if h.structural)
@@ -25,7 +25,7 @@ ESCAPES = ("/tmp/mmmoe-evil", "mmmoe-evil", "../mmmoe-evil", "../../mmmoe-evil")
 
 @pytest.fixture(autouse=True)
 def quiet_skips():
-    log = logging.getLogger("data_pipelines.wds")
+    log = logging.getLogger("data_pipelines.readers")
     old = log.level
     log.setLevel(logging.ERROR)
     yield
@@ -126,7 +126,7 @@ def in_memory(monkeypatch):
     """Shards served from memory (the disk here is slow to rewrite thousands of times): the
     readers open urls through ``wds.gopen``; everything after the open is the real code."""
     store = {}
-    monkeypatch.setattr(W.wds, "gopen", lambda url, *a, **k: io.BytesIO(store[url]))
+    monkeypatch.setattr(W.tars.wds, "gopen", lambda url, *a, **k: io.BytesIO(store[url]))
     return store
 
 
@@ -240,8 +240,8 @@ def test_only_the_writers_image_formats_are_decoded():
 def test_unsafe_names_are_recognised():
     unsafe = ["/abs.jpg", "../k.jpg", "a/../../k.jpg", "k\n.jpg", "k\x1b[31m.jpg", "a/..", "k\x7f.jpg"]
     safe = ["k.jpg", "./k.jpg", "a/b/k.jpg", "a..b.jpg", "..k.jpg", "k..jpg", "caf\u00e9.jpg"]
-    assert [W._unsafe_name(n) for n in unsafe] == [True] * len(unsafe)
-    assert [W._unsafe_name(n) for n in safe] == [False] * len(safe)
+    assert [W.tars._unsafe_name(n) for n in unsafe] == [True] * len(unsafe)
+    assert [W.tars._unsafe_name(n) for n in safe] == [False] * len(safe)
 
 
 def test_seeded_fuzz(scratch):

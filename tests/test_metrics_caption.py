@@ -11,18 +11,11 @@ import shutil
 
 import pytest
 
+from data_pipelines.formats.captions import karpathy_to_coco, load_captions, load_references
 from tasks.cli import main
 from tasks.metrics import MetricInputError
 from tasks.metrics import caption as cap
-from tasks.metrics.caption import (
-    SCORE_KEYS,
-    CaptionToolError,
-    JavaNotFoundError,
-    caption_scores,
-    karpathy_to_coco,
-    load_captions,
-    load_references,
-)
+from tasks.metrics.caption import SCORE_KEYS, CaptionToolError, JavaNotFoundError, caption_scores
 
 TEST_REFS = {
     391895: ["A man with a red helmet on a small moped on a dirt road.",

@@ -6,7 +6,8 @@ import pytest
 
 from tasks.cli import main
 from tasks.metrics import MetricInputError
-from tasks.metrics.nlvr2 import load_predictions, nlvr2_scores, parse_truth_value, sentence_key
+from data_pipelines.formats.nlvr2 import load_predictions, parse_truth_value, sentence_key
+from tasks.metrics.nlvr2 import nlvr2_scores
 
 # identifier -> label. Sentences (identifier without the pair field): dev-1-*-0 (4 image pairs),
 # dev-1-*-1 (2), dev-2-*-0 (2), dev-2-*-1 (1).

@@ -6,16 +6,10 @@ import sys
 
 import pytest
 
+from data_pipelines.formats.vqa import build_answer_vocab, normalize_answer, process_digit_article, process_punctuation
 from tasks.cli import main
 from tasks.metrics import MetricInputError
-from tasks.metrics.vqa import (
-    build_answer_vocab,
-    normalize_answer,
-    process_digit_article,
-    process_punctuation,
-    question_accuracy,
-    vqa_accuracy,
-)
+from tasks.metrics.vqa import question_accuracy, vqa_accuracy
 
 
 def answers(*texts):

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from data_pipelines import wds as W
+from data_pipelines import readers as W
 from data_pipelines.mixing import MixedSource, count_sources, mixed_pipeline, parse_mix, proportions
 from tests.test_wds import TOK, make_shards
 

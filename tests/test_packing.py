@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data_pipelines import packing as P
-from data_pipelines import wds as W
+from data_pipelines import readers as W
 from data_pipelines.datamodules import TextDataModule
 from data_pipelines.shards import write_text_shards
 

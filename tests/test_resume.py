@@ -117,7 +117,7 @@ def test_loader_resume_continues_the_stream(small_synth, workers):
     """``EpochLoader.resume(epoch, k)`` yields exactly the batches after the first k of that pass
     (same samples, crops and masks), with the worker streams rotated when there are several."""
     from data_pipelines.tokenizer import Tokenizer
-    from data_pipelines.wds import EpochLoader, image_text_pipeline
+    from data_pipelines.readers import EpochLoader, image_text_pipeline
 
     pipe = image_text_pipeline(str(small_synth / "shards" / "pretrain-image-text.manifest.json"),
                                Tokenizer(str(small_synth / "tokenizer.model")), image_size=64, batch_size=4,

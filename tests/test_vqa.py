@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from data_pipelines.builtin import make_builtin_dataset
 from data_pipelines.datamodules import VQADataModule
 from data_pipelines.tokenizer import train_tokenizer
-from tasks.metrics.vqa import normalize_answer, vqa_accuracy
+from data_pipelines.formats.vqa import normalize_answer
+from tasks.metrics.vqa import vqa_accuracy
 from tasks.vqa import VQAModule, ensure_answer_vocab, read_answer_vocab
 
 NUM_IMAGES = 100

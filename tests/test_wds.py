@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipelines import schema
-from data_pipelines import wds as W
+from data_pipelines import readers as W
 from data_pipelines.transforms import Normalizer, decode_image
 
 
@@ -153,8 +153,8 @@ def test_split_by_node_and_worker_partition_the_shards(monkeypatch):
     got = []
     for rank in range(3):
         for worker in range(2):
-            monkeypatch.setattr(W, "node_info", lambda r=rank: (r, 3))
-            monkeypatch.setattr(W, "worker_info", lambda w=worker: (w, 2))
+            monkeypatch.setattr(W.shardlists, "node_info", lambda r=rank: (r, 3))
+            monkeypatch.setattr(W.shardlists, "worker_info", lambda w=worker: (w, 2))
             got.append(list(W.split_by_worker(W.split_by_node(iter(shards)))))
     assert sorted(x for part in got for x in part) == sorted(shards)
     assert max(map(len, got)) - min(map(len, got)) <= 1
@@ -199,7 +199,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, monkeypatch, caplog, num_
     pipe = W.image_text_pipeline(urls, TOK, image_size=16, patch_size=4, batch_size=4, shuffle_buffer=3)
     loader = W.make_loader(pipe, num_workers=num_workers)
     want = {**{k: 0 for k in W.SKIP_KINDS}, "corrupt_image": 1, "missing_field": 1, "bad_utf8": 1, "truncated_tar": 1}
-    with caplog.at_level(logging.INFO, logger="data_pipelines.wds"):
+    with caplog.at_level(logging.INFO, logger="data_pipelines.readers"):
         for epoch in range(2):
             got = keys_of(loader)
             assert sorted(got) == sorted(expected)  # every good sample arrives, once
@@ -265,10 +265,10 @@ def test_pickle_members_are_never_unpickled(tmp_path):
 
 def test_skip_counter_logs_at_bounded_rate_without_sleeping(caplog, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(W.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(W.time, "sleep", lambda s: pytest.fail("the skip handler must never sleep"))
+    monkeypatch.setattr(W.errors.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(W.errors.time, "sleep", lambda s: pytest.fail("the skip handler must never sleep"))
     skips = W.SkipCounter("t", log_first=5, log_interval=30.0)
-    with caplog.at_level(logging.WARNING, logger="data_pipelines.wds"):
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.readers"):
         for _ in range(10_000):
             assert skips(W.SampleError("corrupt_image", "bad"))
         assert len(caplog.records) == 5 + 1  # the first 5 one by one, then one line per 30 s
@@ -287,14 +287,14 @@ def test_skip_counter_logs_at_bounded_rate_without_sleeping(caplog, monkeypatch)
 
 def test_skip_handler_is_fast():
     skips = W.SkipCounter("t")
-    logging.getLogger("data_pipelines.wds").disabled = True
+    logging.getLogger("data_pipelines.readers").disabled = True
     try:
         start = time.perf_counter()
         for _ in range(2000):
             skips(W.SampleError("corrupt_image", "bad"))
         assert time.perf_counter() - start < 1.0  # ~10 us each; a sleep per sample would take minutes
     finally:
-        logging.getLogger("data_pipelines.wds").disabled = False
+        logging.getLogger("data_pipelines.readers").disabled = False
 
 
 def test_vqa_batch(tmp_path):
@@ -511,7 +511,7 @@ def test_urls_from_patterns_lists_and_manifests(tmp_path):
 
 
 def test_seeded_shuffle_repeats_per_seed_and_epoch_and_keeps_every_sample():
-    from data_pipelines.wds import SeededShuffle
+    from data_pipelines.readers import SeededShuffle
 
     def run(seed, epoch):
         sh = SeededShuffle(50, initial=10, seed=seed)
@@ -531,8 +531,8 @@ def test_eval_split_leaves_no_rank_empty_and_reads_each_sample_once(monkeypatch,
     per_rank = []
     for rank in range(world):
         for worker in range(2):
-            monkeypatch.setattr(W, "node_info", lambda r=rank: (r, world))
-            monkeypatch.setattr(W, "worker_info", lambda w=worker: (w, 2))
+            monkeypatch.setattr(W.shardlists, "node_info", lambda r=rank: (r, world))
+            monkeypatch.setattr(W.shardlists, "worker_info", lambda w=worker: (w, 2))
             split = W.EvalNodeSplit()
             mine = list(W.split_by_worker(split.shards(iter(range(num_shards)))))
             samples = (s for i in mine for s in shards[i])
@@ -543,3 +543,15 @@ def test_eval_split_leaves_no_rank_empty_and_reads_each_sample_once(monkeypatch,
     assert all(per_rank), "a rank received no evaluation sample"
     everything = sorted(s for part in per_rank for s in part)
     assert everything == sorted(s for shard in shards for s in shard)  # each sample exactly once
+
+
+def test_is_rank_zero_reads_the_launcher_variables(monkeypatch):
+    for var in W.RANK_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert W.is_rank_zero()
+    for var in W.RANK_VARIABLES:
+        monkeypatch.setenv(var, "0")
+        assert W.is_rank_zero()
+        monkeypatch.setenv(var, "2")
+        assert not W.is_rank_zero()
+        monkeypatch.delenv(var)

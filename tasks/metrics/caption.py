@@ -3,7 +3,9 @@
 This mirrors ``pycocoevalcap.eval.COCOEvalCap`` without needing a COCO ground-truth download: the
 references are built locally from Karpathy's ``dataset_coco.json`` (images of one ``split``, image id
 = ``cocoid``, references = ``sentences[].raw``), or read from a COCO-format caption file
-(``{"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}]}``).
+(``{"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}]}``). Reading those files and
+the results is ``data_pipelines.formats.captions``'s job (shared with the shard writers and the
+tasks); this module tokenises and scores.
 
 Pipeline, as in COCOEvalCap: references and results are lower-cased and tokenised by pycocoevalcap's
 Stanford PTB tokenizer (punctuation tokens dropped), then scored with ``Bleu(4)``, ``Meteor()``,
@@ -33,20 +35,11 @@ import io
 import os
 import shutil
 import sys
-from collections import Counter
 from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
-from tasks.metrics import (
-    MetricInputError,
-    PathLike,
-    describe,
-    is_int,
-    is_path,
-    one_line,
-    preview,
-    read_json,
-    source_name,
-)
+from data_pipelines.formats.captions import karpathy_to_coco, load_captions, load_references, references
+from data_pipelines.formats.io import PathLike, one_line, preview, source_name
+from tasks.metrics import MetricInputError
 
 __all__ = [
     "SCORE_KEYS",
@@ -94,162 +87,6 @@ def _import_pycocoevalcap() -> Any:
             "(or the project's [eval] extra)"
         ) from None
     return pycocoevalcap
-
-
-# --------------------------------------------------------------------------------------------
-# References
-# --------------------------------------------------------------------------------------------
-
-
-def _load(src: Any, role: str) -> Tuple[Any, str]:
-    name = source_name(src, role)
-    return (read_json(src, f"{role} file") if is_path(src) else src), name
-
-
-def _karpathy_images(
-    doc: Mapping[str, Any], split: str, name: str
-) -> List[Tuple[int, List[Tuple[str, Any]]]]:
-    """``[(image_id, [(raw, sentid), ...]), ...]`` for the images of ``split``, in file order."""
-    images = doc.get("images")
-    if not isinstance(images, (list, tuple)):
-        raise MetricInputError(f"{name}: 'images' must be a list, got {describe(images)}")
-    out = []
-    seen = set()
-    splits: Counter = Counter()
-    for i, img in enumerate(images):
-        if not isinstance(img, Mapping):
-            raise MetricInputError(f"{name}: images[{i}] is {describe(img)}, expected an object")
-        splits[str(img.get("split"))] += 1
-        if img.get("split") != split:
-            continue
-        # COCO's Karpathy file has cocoid; the Flickr ones only imgid.
-        image_id = img.get("cocoid", img.get("imgid"))
-        if not is_int(image_id):
-            raise MetricInputError(f"{name}: images[{i}]: 'cocoid' must be an integer, "
-                                   f"got {describe(image_id)}")
-        if image_id in seen:
-            raise MetricInputError(f"{name}: image id {image_id} appears twice in split {split!r}")
-        seen.add(image_id)
-        sents = img.get("sentences")
-        if not isinstance(sents, (list, tuple)) or not sents:
-            raise MetricInputError(f"{name}: image {image_id}: 'sentences' must be a non-empty list")
-        pairs = []
-        for j, sent in enumerate(sents):
-            raw = sent.get("raw") if isinstance(sent, Mapping) else None
-            if not isinstance(raw, str):
-                raise MetricInputError(f"{name}: image {image_id}: sentences[{j}] has no string 'raw'")
-            pairs.append((raw, sent.get("sentid")))
-        out.append((image_id, pairs))
-    if not out:
-        have = ", ".join(f"{k} ({v})" for k, v in sorted(splits.items())) or "none"
-        raise MetricInputError(f"{name}: no images in split {split!r}; splits present: {have}")
-    return out
-
-
-def karpathy_to_coco(dataset: Union[PathLike, Mapping[str, Any]], split: str = "test") -> Dict[str, Any]:
-    """COCO-format caption ground truth for one split of a Karpathy ``dataset_coco.json``.
-
-    Returns ``{"images": [{"id"}], "annotations": [{"image_id", "caption", "id"}], "type": "captions"}``
-    in file order; annotation ids are the sentences' ``sentid`` when present, else running numbers.
-    """
-    doc, name = _load(dataset, "coco")
-    if not isinstance(doc, Mapping) or "images" not in doc:
-        raise MetricInputError(f"{name}: not a Karpathy split file (no 'images')")
-    images, annotations = [], []
-    for image_id, pairs in _karpathy_images(doc, split, name):
-        images.append({"id": image_id})
-        for raw, sentid in pairs:
-            annotations.append({"image_id": image_id, "caption": raw,
-                                "id": sentid if is_int(sentid) else len(annotations)})
-    return {"images": images, "annotations": annotations, "type": "captions"}
-
-
-def _references(gt: Any, split: str) -> Tuple[Dict[int, List[str]], str]:
-    """References plus how messages should name the evaluated set."""
-    doc, name = _load(gt, "coco")
-    if not isinstance(doc, Mapping):
-        raise MetricInputError(f"{name}: expected a JSON object, got {describe(doc)}")
-    images = doc.get("images")
-    is_karpathy = isinstance(images, (list, tuple)) and any(
-        isinstance(img, Mapping) and "sentences" in img for img in images)
-    if is_karpathy:
-        refs = {image_id: [raw for raw, _ in pairs] for image_id, pairs in _karpathy_images(doc, split, name)}
-        return refs, f"split {split!r} of {name}"
-    if "annotations" not in doc:
-        raise MetricInputError(f"{name}: neither a Karpathy split file (images with 'sentences') nor a "
-                               "COCO caption file ('annotations')")
-    anns = doc["annotations"]
-    if not isinstance(anns, (list, tuple)):
-        raise MetricInputError(f"{name}: 'annotations' must be a list, got {describe(anns)}")
-    refs = {}
-    if isinstance(images, (list, tuple)):
-        for i, img in enumerate(images):
-            iid = img.get("id") if isinstance(img, Mapping) else None
-            if not is_int(iid):
-                raise MetricInputError(f"{name}: images[{i}]: 'id' must be an integer, got {describe(iid)}")
-            refs.setdefault(iid, [])
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, Mapping):
-            raise MetricInputError(f"{name}: annotations[{i}] is {describe(ann)}, expected an object")
-        iid, cap = ann.get("image_id"), ann.get("caption")
-        if not is_int(iid):
-            raise MetricInputError(f"{name}: annotations[{i}]: 'image_id' must be an integer, "
-                                   f"got {describe(iid)}")
-        if not isinstance(cap, str):
-            raise MetricInputError(f"{name}: annotations[{i}]: 'caption' must be a string, "
-                                   f"got {describe(cap)}")
-        if isinstance(images, (list, tuple)) and iid not in refs:
-            raise MetricInputError(f"{name}: annotations[{i}]: image {iid} is not in 'images'")
-        refs.setdefault(iid, []).append(cap)
-    empty = [iid for iid, caps in refs.items() if not caps]
-    if empty:
-        raise MetricInputError(f"{name}: {len(empty)} images have no reference caption: {preview(empty)}")
-    if not refs:
-        raise MetricInputError(f"{name}: no reference captions")
-    return refs, name
-
-
-def load_references(gt: Union[PathLike, Mapping[str, Any]], split: str = "test") -> Dict[int, List[str]]:
-    """``{image_id: [reference captions]}`` in file order.
-
-    ``gt`` is a Karpathy split file (``{"images": [{"split", "sentences", "cocoid", ...}]}``; only
-    images of ``split`` are kept) or a COCO-format caption file (``{"annotations": [...]}``, optionally
-    with ``"images"``; ``split`` is then ignored). Path or parsed object.
-    """
-    return _references(gt, split)[0]
-
-
-def load_captions(results: Union[PathLike, Sequence[Mapping[str, Any]]]) -> Dict[int, str]:
-    """``{image_id: caption}`` from results ``[{"image_id": int, "caption": str}]`` (path or list).
-
-    Duplicated image ids are an error; empty captions are kept.
-    """
-    doc, name = _load(results, "results")
-    if not isinstance(doc, (list, tuple)):
-        raise MetricInputError(f'{name}: results must be a JSON array of '
-                               f'{{"image_id": int, "caption": str}}, '
-                               f"got {describe(doc)}")
-    captions: Dict[int, str] = {}
-    dups = set()
-    for i, r in enumerate(doc):
-        if not isinstance(r, Mapping):
-            raise MetricInputError(f'{name}: entry {i} is {describe(r)}, '
-                                   f'expected {{"image_id": int, "caption": str}}')
-        iid, cap = r.get("image_id"), r.get("caption")
-        if not is_int(iid):
-            raise MetricInputError(f"{name}: entry {i}: 'image_id' must be an integer, got {describe(iid)}")
-        if not isinstance(cap, str):
-            raise MetricInputError(f"{name}: entry {i} (image {iid}): 'caption' must be a string, "
-                                   f"got {describe(cap)}")
-        if iid in captions:
-            dups.add(iid)
-        captions[iid] = cap
-    if dups:
-        raise MetricInputError(f"{name}: {len(dups)} image ids have more than one caption "
-                               f"(pycocoevalcap scores one per image): {preview(dups)}")
-    if not captions:
-        raise MetricInputError(f"{name}: no captions")
-    return captions
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +235,7 @@ def caption_scores(
     Returns ``{"Bleu_1", ..., "CIDEr"[, "SPICE"], "x100": {same keys times 100}, "num_images",
     "scale"}``; top-level metric values are pycocoevalcap's raw scores.
     """
-    refs, where = _references(gt, split)
+    refs, where = references(gt, split)
     caps = load_captions(results)
     rname = source_name(results, "results")
     unknown = [i for i in caps if i not in refs]

@@ -21,27 +21,33 @@ list or which side is normalised; this module follows the master revision descri
 :func:`normalize_answer` is the full normalisation (whitespace, punctuation, number words, articles,
 contractions) that the official script applies to predictions; the answer vocabulary
 (:func:`build_answer_vocab`) and the soft targets use it too, so a trained model predicts answers
-in the normalised form.
+in the normalised form. The normalisation, the answer vocabulary and the readers of the questions,
+annotations and result files live in ``data_pipelines.formats.vqa`` (shared with the shard writers
+and the readers); this module scores.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from tasks.metrics import (
-    MetricInputError,
-    PathLike,
-    describe,
-    is_int,
-    is_path,
-    preview,
-    read_json,
-    source_name,
+from data_pipelines.formats.io import PathLike, load_input, preview
+from data_pipelines.formats.vqa import (
+    ARTICLES,
+    CONTRACTIONS,
+    NUMBER_WORDS,
+    PUNCTUATION,
+    build_answer_vocab,
+    clean_whitespace,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    parse_annotations,
+    parse_questions,
+    parse_results,
 )
+from tasks.metrics import MetricInputError
 
 __all__ = [
     "PUNCTUATION",
@@ -56,112 +62,6 @@ __all__ = [
     "vqa_accuracy",
     "build_answer_vocab",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Normalisation tables (the data of the official script)
-# --------------------------------------------------------------------------------------------
-
-#: Characters the official punctuation step removes or turns into a space, in its order.
-PUNCTUATION: Tuple[str, ...] = tuple(";/[]\"{}()=+\\_-><@`,?!")
-
-#: Number words that become digits ("none" counts as zero).
-NUMBER_WORDS: Dict[str, str] = {
-    word: str(value)
-    for value, word in enumerate("zero one two three four five six seven eight nine ten".split())
-}
-NUMBER_WORDS["none"] = "0"
-
-#: Words dropped by the article step.
-ARTICLES = frozenset({"a", "an", "the"})
-
-# Contraction fixes, ``written>replacement`` pairs separated by whitespace. The table is the official
-# one, including its oddities: capitalised keys (never hit, since words are lower-cased before the
-# lookup) and "somebody'd" mapped to "somebodyd".
-_CONTRACTION_PAIRS = """
-aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
-couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
-hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
-howd>how'd howll>how'll hows>how's Id've>I'd've I'dve>I'd've Im>I'm Ive>I've isnt>isn't itd>it'd
-itd've>it'd've it'dve>it'd've itll>it'll let's>let's maam>ma'am mightnt>mightn't
-mightnt've>mightn't've mightn'tve>mightn't've mightve>might've mustnt>mustn't mustve>must've
-neednt>needn't notve>not've oclock>o'clock oughtnt>oughtn't ow's'at>'ow's'at 'ows'at>'ow's'at
-'ow'sat>'ow's'at shant>shan't shed've>she'd've she'dve>she'd've she's>she's shouldve>should've
-shouldnt>shouldn't shouldnt've>shouldn't've shouldn'tve>shouldn't've somebody'd>somebodyd
-somebodyd've>somebody'd've somebody'dve>somebody'd've somebodyll>somebody'll
-somebodys>somebody's someoned>someone'd someoned've>someone'd've someone'dve>someone'd've
-someonell>someone'll someones>someone's somethingd>something'd somethingd've>something'd've
-something'dve>something'd've somethingll>something'll thats>that's thered>there'd
-thered've>there'd've there'dve>there'd've therere>there're theres>there's theyd>they'd
-theyd've>they'd've they'dve>they'd've theyll>they'll theyre>they're theyve>they've twas>'twas
-wasnt>wasn't wed've>we'd've we'dve>we'd've weve>we've werent>weren't whatll>what'll
-whatre>what're whats>what's whatve>what've whens>when's whered>where'd wheres>where's
-whereve>where've whod>who'd whod've>who'd've who'dve>who'd've wholl>who'll whos>who's
-whove>who've whyll>why'll whyre>why're whys>why's wont>won't wouldve>would've wouldnt>wouldn't
-wouldnt've>wouldn't've wouldn'tve>wouldn't've yall>y'all yall'll>y'all'll y'allll>y'all'll
-yall'd've>y'all'd've y'alld've>y'all'd've y'all'dve>y'all'd've youd>you'd youd've>you'd've
-you'dve>you'd've youll>you'll youre>you're youve>you've
-"""
-
-#: Contraction written without (or with a misplaced) apostrophe -> canonical spelling.
-CONTRACTIONS: Dict[str, str] = dict(pair.split(">", 1) for pair in _CONTRACTION_PAIRS.split())
-
-# A comma between two digits anywhere in the text switches every punctuation mark to "delete".
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
-# A period is deleted unless a digit follows it (so "2.5" keeps its decimal point). The official
-# pattern starts with "(?!<=\d)", a negative *lookahead* (a mistyped lookbehind) that can never fail
-# in front of a '.', so it is left out here.
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-# The official script passes re.UNICODE (= 32) positionally to sub(), where it lands in ``count``:
-# at most 32 periods are removed. Kept for fidelity; real answers never get near it.
-_PERIOD_MAX_REMOVALS = 32
-
-
-def clean_whitespace(text: str) -> str:
-    """Tabs and newlines to spaces, then strip (applied to every answer before anything else)."""
-    return text.replace("\n", " ").replace("\t", " ").strip()
-
-
-def process_punctuation(text: str) -> str:
-    """The official punctuation step.
-
-    Each mark of :data:`PUNCTUATION` is deleted when, in the *input* text, it touches a space on
-    either side or the text has a comma between two digits; otherwise it is replaced by a space.
-    Then periods not followed by a digit are deleted. Case and the apostrophe are left alone.
-    """
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
-    out = text
-    for mark in PUNCTUATION:
-        if delete_all or (mark + " ") in text or (" " + mark) in text:
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_PERIOD_MAX_REMOVALS)
-
-
-def process_digit_article(text: str) -> str:
-    """The official word step: lower-case, split on whitespace, number words to digits, drop
-    articles, fix contractions, join with single spaces."""
-    words = []
-    for word in text.lower().split():
-        word = NUMBER_WORDS.get(word, word)
-        if word not in ARTICLES:
-            words.append(CONTRACTIONS.get(word, word))
-    return " ".join(words)
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _punctuation_and_words(text: str) -> str:
-    # Answers repeat a lot (yes, no, 2, ...), so the two steps are cached together.
-    return process_digit_article(process_punctuation(text))
-
-
-def normalize_answer(answer: str) -> str:
-    """Full answer normalisation: whitespace, punctuation, then number words / articles / contractions.
-
-    This is what the official script applies to every prediction; use it to build answer
-    vocabularies and soft targets.
-    """
-    return _punctuation_and_words(clean_whitespace(answer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,98 +121,6 @@ def question_accuracy(answer: str, gt_answers: Sequence[Union[str, Mapping[str, 
     return float(sum(scores)) / len(scores)
 
 
-# --------------------------------------------------------------------------------------------
-# Input loading and validation
-# --------------------------------------------------------------------------------------------
-
-
-def _load(src: Any, role: str) -> Tuple[Any, str]:
-    name = source_name(src, role)
-    return (read_json(src, f"{role} file") if is_path(src) else src), name
-
-
-def _entries(doc: Any, key: str, name: str, what: str) -> List[Any]:
-    """``doc[key]`` when doc is the official file object; a bare list is accepted as the entries."""
-    if isinstance(doc, Mapping):
-        if key not in doc:
-            raise MetricInputError(f"{name}: no {key!r} list; not a VQA {what} file")
-        doc = doc[key]
-    if not isinstance(doc, (list, tuple)):
-        raise MetricInputError(f"{name}: expected a list of {what} (or an object with {key!r}), "
-                               f"got {describe(doc)}")
-    return list(doc)
-
-
-def _check_unique(ids: Sequence[int], name: str, what: str) -> None:
-    counts = Counter(ids)
-    dups = [q for q, c in counts.items() if c > 1]
-    if dups:
-        raise MetricInputError(f"{name}: {len(dups)} duplicate {what}: {preview(dups)}")
-
-
-def _question_ids(doc: Any, name: str) -> List[int]:
-    ids = []
-    for i, q in enumerate(_entries(doc, "questions", name, "questions")):
-        if not isinstance(q, Mapping):
-            raise MetricInputError(f"{name}: questions[{i}] is {describe(q)}, expected an object")
-        qid = q.get("question_id")
-        if not is_int(qid):
-            raise MetricInputError(f"{name}: questions[{i}]: 'question_id' must be an integer, "
-                                   f"got {describe(qid)}")
-        ids.append(qid)
-    _check_unique(ids, name, "question ids")
-    return ids
-
-
-def _annotations(doc: Any, name: str) -> List[Mapping[str, Any]]:
-    anns = _entries(doc, "annotations", name, "annotations")
-    for i, ann in enumerate(anns):
-        where = f"{name}: annotations[{i}]"
-        if not isinstance(ann, Mapping):
-            raise MetricInputError(f"{where} is {describe(ann)}, expected an object")
-        if not is_int(ann.get("question_id")):
-            raise MetricInputError(f"{where}: 'question_id' must be an integer, got "
-                                   f"{describe(ann.get('question_id'))}")
-        where = f"{name}: question {ann['question_id']}"
-        for field in ("question_type", "answer_type"):
-            if not isinstance(ann.get(field), str):
-                raise MetricInputError(f"{where}: {field!r} must be a string, got {describe(ann.get(field))}")
-        answers = ann.get("answers")
-        if not isinstance(answers, (list, tuple)) or not answers:
-            raise MetricInputError(f"{where}: 'answers' must be a non-empty list, got {describe(answers)}")
-        for j, a in enumerate(answers):
-            if not isinstance(a, Mapping) or not isinstance(a.get("answer"), str):
-                raise MetricInputError(f"{where}: answers[{j}] must be an object with a string "
-                                       f"'answer', got {describe(a)}")
-    _check_unique([a["question_id"] for a in anns], name, "question ids")
-    return anns
-
-
-def _results(doc: Any, name: str) -> Dict[int, str]:
-    if not isinstance(doc, (list, tuple)):
-        raise MetricInputError(f"{name}: results must be a JSON array of "
-                               f'{{"question_id": int, "answer": str}}, got {describe(doc)}')
-    answers: Dict[int, str] = {}
-    dups = []
-    for i, r in enumerate(doc):
-        if not isinstance(r, Mapping):
-            raise MetricInputError(f"{name}: entry {i} is {describe(r)}, expected "
-                                   f'{{"question_id": int, "answer": str}}')
-        qid, ans = r.get("question_id"), r.get("answer")
-        if not is_int(qid):
-            raise MetricInputError(f"{name}: entry {i}: 'question_id' must be an integer, "
-                                   f"got {describe(qid)}")
-        if not isinstance(ans, str):
-            raise MetricInputError(f"{name}: entry {i} (question {qid}): 'answer' must be a string, "
-                                   f"got {describe(ans)}")
-        if qid in answers:
-            dups.append(qid)
-        answers[qid] = ans
-    if dups:
-        raise MetricInputError(f"{name}: {len(set(dups))} question ids answered more than once: "
-                               f"{preview(set(dups))}")
-    return answers
-
 
 # --------------------------------------------------------------------------------------------
 # Dataset accuracy
@@ -338,16 +146,16 @@ def vqa_accuracy(
     accuracies in percent rounded to ``ndigits`` (2 like the official script); ``perQuestion`` maps
     question id to its rounded accuracy (the official ``evalQA``).
     """
-    qdoc, qname = _load(questions_json, "questions")
-    adoc, aname = _load(annotations_json, "annotations")
-    rdoc, rname = _load(results, "results")
-    question_ids = _question_ids(qdoc, qname)
-    anns = _annotations(adoc, aname)
-    predicted = _results(rdoc, rname)
+    qdoc, qname = load_input(questions_json, "questions")
+    adoc, aname = load_input(annotations_json, "annotations")
+    rdoc, rname = load_input(results, "results")
+    qids = parse_questions(qdoc, qname)
+    anns = parse_annotations(adoc, aname)
+    predicted = parse_results(rdoc, rname)
     if not anns:
         raise MetricInputError(f"{aname}: no annotations to evaluate")
 
-    qset = set(question_ids)
+    qset = set(qids)
     aset = {a["question_id"] for a in anns}
     if qset != aset:
         parts = []
@@ -390,65 +198,3 @@ def vqa_accuracy(
         "num_questions": len(overall),
     }
 
-
-# --------------------------------------------------------------------------------------------
-# Answer vocabulary
-# --------------------------------------------------------------------------------------------
-
-
-def _annotation_records(src: Any, role: str = "annotations") -> Iterator[Mapping[str, Any]]:
-    """Yield annotation records from a path, an annotations-file object, a list of records, or a
-    list/tuple of several such files (e.g. train and val)."""
-    if is_path(src):
-        yield from _annotation_records(read_json(src, "annotations file"), source_name(src, role))
-        return
-    if isinstance(src, Mapping):
-        if "annotations" not in src:
-            raise MetricInputError(f"{role}: no 'annotations' list; not a VQA annotations file")
-        yield from _annotation_records(src["annotations"], role)
-        return
-    if not isinstance(src, Iterable) or isinstance(src, (bytes, str)):
-        raise MetricInputError(f"{role}: expected annotations, got {describe(src)}")
-    for i, item in enumerate(src):
-        if isinstance(item, Mapping) and "annotations" not in item:
-            yield item
-        elif is_path(item) or isinstance(item, (Mapping, list, tuple)):
-            yield from _annotation_records(item, source_name(item, f"{role}[{i}]"))
-        else:
-            raise MetricInputError(f"{role}[{i}]: expected an annotation object, got {describe(item)}")
-
-
-def build_answer_vocab(
-    annotations: Any,
-    min_freq: int = 9,
-    *,
-    use_all_answers: bool = False,
-) -> List[str]:
-    """Answer classes for a VQA head: normalised answers seen at least ``min_freq`` times.
-
-    ``annotations``: a path, an annotations-file object, a list of annotation records, or a list of
-    several files (paths or objects) counted together (the usual VQAv2 vocabulary pools train and val).
-    Each annotation counts its ``multiple_choice_answer`` once; with ``use_all_answers`` each of its
-    (typically 10) human answers counts instead. Answers go through :func:`normalize_answer`; the
-    empty string is never a class. Sorted by frequency, most frequent first, ties alphabetically.
-    With the defaults on VQAv2 train+val this is the familiar 3,129-answer list (as a set).
-    """
-    if min_freq < 1:
-        raise ValueError(f"min_freq must be >= 1, got {min_freq}")
-    counts: Counter = Counter()
-    for ann in _annotation_records(annotations):
-        if use_all_answers:
-            texts = [a.get("answer") if isinstance(a, Mapping) else a for a in ann.get("answers") or ()]
-        else:
-            texts = [ann.get("multiple_choice_answer")]
-        for text in texts:
-            if not isinstance(text, str):
-                raise MetricInputError(
-                    f"annotations: question {ann.get('question_id')}: answer must be a string, got "
-                    f"{describe(text)}")
-            norm = normalize_answer(text)
-            if norm:
-                counts[norm] += 1
-    kept = [(n, a) for a, n in counts.items() if n >= min_freq]
-    kept.sort(key=lambda na: (-na[0], na[1]))
-    return [a for _, a in kept]
