@@ -19,7 +19,7 @@ import yaml
 from mmmoe.models import BackboneSpec, ModelConfig, MoESpec, create_model, get_config
 from mmmoe.moe import MoEConfig
 from tasks.base import MMMoEModule, OptimSpec, init_parameters, load_state_file, upgrade_hparams
-from tasks.fit_cli import MMMoECLI, main
+from tasks.fit_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -30,22 +30,7 @@ FULL = [CONFIGS / "pretrain" / "tiny.yaml", CONFIGS / "finetune" / "vqa.yaml", C
 SMALL = BackboneSpec("tiny", "dense", depth=1, vocab_size=64)
 
 
-class _Built(Exception):
-    pass
-
-
-class _ParserOnly(MMMoECLI):
-    def parse_arguments(self, parser, args):
-        raise _Built(parser)
-
-
-@pytest.fixture(scope="module")
-def parser():
-    try:
-        _ParserOnly(args=[])
-    except _Built as built:
-        return built.args[0]
-    raise AssertionError("parser was not built")
+from tests.test_configs import parser  # noqa: E402,F401 - the fit parser, built once (a fixture)
 
 
 def parse(parser, *configs, extra=()):
