@@ -52,12 +52,12 @@ def gather_json(obj: Any, module: pl.LightningModule) -> List[Any]:
     travel as UTF-8 JSON in uint8 tensors (``LightningModule.all_gather``): nothing is unpickled."""
     if _world(module) <= 1:
         return [obj]
-    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=module.device)
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
     sizes = module.all_gather(torch.tensor([data.numel()], device=module.device)).reshape(-1).tolist()
-    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=module.device)
+    padded = torch.zeros(max(sizes), dtype=torch.uint8)
     padded[: data.numel()] = data
-    parts = module.all_gather(padded).reshape(len(sizes), -1).cpu()
-    return [json.loads(bytes(parts[r, :n].tolist()).decode("utf-8")) for r, n in enumerate(sizes)]
+    parts = module.all_gather(padded.to(module.device)).reshape(len(sizes), -1).cpu()
+    return [json.loads(parts[r, :n].numpy().tobytes().decode("utf-8")) for r, n in enumerate(sizes)]
 
 
 def broadcast_json(obj: Any, module: pl.LightningModule) -> Any:

@@ -192,6 +192,25 @@ def test_evaluate_round_trip_nlvr2_both_splits(setup, tmp_path, capsys):
     assert json.loads(stdout)["nlvr2_num_examples"] == len(load_labels(d["nlvr2_dev_json"]))
 
 
+def test_lightning_test_subcommand_is_the_same_evaluation(setup, tmp_path, capsys):
+    """`mmmoe test --config C --ckpt_path CKPT` (plain LightningCLI test) runs the same loop on the
+    test split: the official file next to the checkpoint, the metrics of `mmmoe evaluate --split test`."""
+    import shutil
+
+    ckpt = tmp_path / "nlvr2.ckpt"
+    shutil.copy(setup["ckpt"]["nlvr2"], ckpt)
+    rc, _, err = run(capsys, "test", "--config", setup["config"]["nlvr2"], "--ckpt_path", str(ckpt),
+                     "--trainer.accelerator", "cpu", "--trainer.logger", "false")
+    assert rc == 0, err
+    out = tmp_path / "eval-nlvr2-test"
+    assert (out / "nlvr2_predictions.json").is_file()
+    rc, stdout, err = run(capsys, "evaluate", "nlvr2", "--config", setup["config"]["nlvr2"], "--ckpt", str(ckpt),
+                          "--split", "test", "--out", str(tmp_path / "again"))
+    assert rc == 0, err
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(stdout)
+    assert (out / "nlvr2_predictions.json").read_bytes() == (tmp_path / "again" / "nlvr2_predictions.json").read_bytes()
+
+
 def test_evaluate_without_ground_truth(setup, tmp_path, capsys):
     rc, stdout, err = run(capsys, "evaluate", "nlvr2", "--config", setup["config"]["nlvr2"], "--ckpt",
                           setup["ckpt"]["nlvr2"], "--split", "test", "--model.init_args.test_data", "null", "--out", str(tmp_path))
