@@ -242,6 +242,123 @@ class _FusedExperts(torch.autograd.Function):
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
+class _BlockedExperts(torch.autograd.Function):
+    """The same function as :class:`_FusedExperts`, computed expert block by expert block: the
+    CPU path.
+
+    On CPU every fresh tensor of tens of MB costs page faults on first touch (the allocator returns
+    large blocks to the OS), which made the A x 2F elementwise passes and the gathers, not the
+    matmuls, the slow part of the layer. Here only the tensors that outlive one expert are full
+    size (the first matmul's output h and the expert outputs o, both saved; the result); the
+    gathered rows, the activation, its gradient and the input gradient of each expert live in
+    small buffers reused by every expert (and stay in cache between the matmul that writes them and
+    the elementwise pass that reads them). Matmuls are ``torch.mm(out=)`` per expert, which is what
+    ``torch._grouped_mm`` does on CPU. Needs the rows per expert as a Python list (free on CPU).
+    The accumulation order of every sum is the one of ``_FusedExperts`` (assignments in expert
+    order), so results are deterministic run to run.
+    """
+
+    @staticmethod
+    def forward(ctx, s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
+        with torch.autocast(s_SD.device.type, enabled=False):
+            counts = counts if counts is not None else counts_from_offsets(offs_E)
+            A, D = token_A.shape[0], s_SD.shape[1]
+            Fh = w_out.shape[1]
+            h = s_SD.new_empty(A, w_in.shape[2])
+            o = s_SD.new_empty(A, D)
+            y_SD = s_SD.new_zeros(s_SD.shape)
+            n_max = max(counts, default=0)
+            x_buf = s_SD.new_empty(n_max, D)
+            p_buf = s_SD.new_empty(n_max, Fh)
+            gate = gate_A.to(o.dtype).unsqueeze(-1)
+            lo = 0
+            for e, n in enumerate(counts):
+                if n == 0:
+                    continue
+                hi = lo + n
+                tok, h_e, o_e = token_A[lo:hi], h[lo:hi], o[lo:hi]
+                x_e = torch.index_select(s_SD, 0, tok, out=x_buf[:n])
+                torch.mm(x_e, w_in[e], out=h_e)
+                p_e = _act_into(h_e, activation, p_buf[:n])
+                torch.mm(p_e, w_out[e], out=o_e)
+                y_SD.index_add_(0, tok, torch.mul(o_e, gate[lo:hi], out=x_buf[:n]))
+                lo = hi
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, h, o)
+        ctx.counts, ctx.activation, ctx.consumed = counts, activation, False
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        if ctx.consumed:
+            raise RuntimeError(
+                "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
+                "in place, so retain_graph=True double backward is not supported"
+            )
+        ctx.consumed = True
+        with torch.autocast(dy_SD.device.type, enabled=False):
+            return _BlockedExperts._backward(ctx, dy_SD)
+
+    @staticmethod
+    def _backward(ctx, dy_SD):
+        s_SD, token_A, gate_A, w_in, w_out, h, o = ctx.saved_tensors
+        counts, activation = ctx.counts, ctx.activation
+        need_s, need_gate, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dy_SD = dy_SD.to(o.dtype).contiguous()
+        D, Fh = o.shape[1], w_out.shape[1]
+        acc = torch.promote_types(o.dtype, torch.float32)  # the gate gradient feeds the float32 router
+        ds = torch.zeros_like(s_SD) if need_s else None
+        dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
+        dw_in = torch.zeros_like(w_in) if need_in else None
+        dw_out = torch.zeros_like(w_out) if need_out else None
+        n_max = max(counts, default=0)
+        d_buf = o.new_empty(n_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
+        x_buf = o.new_empty(n_max, D)
+        a_buf = o.new_empty(n_max, Fh)  # activation (swiglu: silu(a))
+        p_buf = o.new_empty(n_max, Fh)  # activation output -> its gradient
+        gate = gate_A.to(o.dtype).unsqueeze(-1)
+        lo = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            hi = lo + n
+            tok, h_e = token_A[lo:hi], h[lo:hi]
+            dy_e = torch.index_select(dy_SD, 0, tok, out=d_buf[:n])
+            if need_gate:
+                dgate[lo:hi] = torch.linalg.vecdot(dy_e.to(acc), o[lo:hi].to(acc)).to(dgate.dtype)
+            do_e = dy_e.mul_(gate[lo:hi])
+            if activation == "swiglu":
+                a, b = h_e.chunk(2, dim=-1)
+                act = torch.ops.aten.silu.out(a, out=a_buf[:n])
+                if need_out:
+                    torch.mm(torch.mul(act, b, out=p_buf[:n]).t(), do_e, out=dw_out[e])
+                dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
+                b.mul_(dp)  # b := dp * b, the gradient reaching silu(a)
+                dp.mul_(act)  # dp := dp * silu(a) = d b
+                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)  # a := d a
+                b.copy_(dp)
+            else:
+                if need_out:
+                    torch.mm(torch.ops.aten.gelu.out(h_e, out=p_buf[:n]).t(), do_e, out=dw_out[e])
+                dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
+                torch.ops.aten.gelu_backward.grad_input(dp, h_e, approximate="none", grad_input=h_e)
+            dh_e = h_e  # h's block now holds its own gradient
+            if need_in:
+                x_e = torch.index_select(s_SD, 0, tok, out=x_buf[:n])
+                torch.mm(x_e.t(), dh_e, out=dw_in[e])
+            if need_s:
+                ds.index_add_(0, tok, torch.mm(dh_e, w_in[e].t(), out=d_buf[:n]))
+            lo = hi
+        return ds, None, dgate, dw_in, dw_out, None, None, None
+
+
+def _act_into(h_AH: Tensor, activation: str, out: Tensor) -> Tensor:
+    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU of ``h_AH``, written into ``out``."""
+    if activation == "swiglu":
+        a, b = h_AH.chunk(2, dim=-1)
+        return torch.ops.aten.silu.out(a, out=out).mul_(b)
+    return torch.ops.aten.gelu.out(h_AH, out=out)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs of width ``dim -> hidden -> dim`` stored as two 3-D weight tensors.
 
@@ -255,6 +372,11 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.activation, self.bitnet = activation, bitnet
+        self.impl = "auto"
+        """How training runs through the experts: ``"grouped"`` (``_FusedExperts``: full-size
+        gathers and ``torch._grouped_mm``, no host sync; the accelerator path), ``"blocked"``
+        (``_BlockedExperts``: expert by expert with small reused buffers; the CPU path), or
+        ``"auto"`` (blocked on CPU, grouped elsewhere). Same function, same tests."""
         mult = 2 if activation == "swiglu" else 1
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, mult * hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -287,6 +409,8 @@ class GroupedExperts(nn.Module):
         args = (s_SD.to(dt), token_A, gate_A.to(dt), self.w_in.to(dt), self.w_out.to(dt), offs_E, counts, self.activation)
         if _is_compiling():
             return _experts_reference_ops(*args)  # the compiler traces plain ops
+        if self.impl == "blocked" or (self.impl == "auto" and s_SD.device.type == "cpu"):
+            return _BlockedExperts.apply(*args)
         return _FusedExperts.apply(*args)
 
     def _forward_bitnet(self, s_SD, token_A, gate_A, offs_E, counts, dt) -> Tensor:
