@@ -315,6 +315,7 @@ class _BlockedExperts(torch.autograd.Function):
         x_buf = o.new_empty(n_max, D)
         a_buf = o.new_empty(n_max, Fh)  # activation (swiglu: silu(a))
         p_buf = o.new_empty(n_max, Fh)  # activation output -> its gradient
+        dh_buf = o.new_empty(n_max, h.shape[1]) if activation == "swiglu" else None  # [d a | d b]
         gate = gate_A.to(o.dtype).unsqueeze(-1)
         lo = 0
         for e, n in enumerate(counts):
@@ -332,16 +333,17 @@ class _BlockedExperts(torch.autograd.Function):
                 if need_out:
                     torch.mm(torch.mul(act, b, out=p_buf[:n]).t(), do_e, out=dw_out[e])
                 dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
-                b.mul_(dp)  # b := dp * b, the gradient reaching silu(a)
-                dp.mul_(act)  # dp := dp * silu(a) = d b
-                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)  # a := d a
-                b.copy_(dp)
+                dh_e = dh_buf[:n]
+                da, db = dh_e.chunk(2, dim=-1)
+                torch.mul(dp, act, out=db)
+                b.mul_(dp)  # b := dp * b, the gradient reaching silu(a) (h is not read again)
+                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=da)
             else:
                 if need_out:
                     torch.mm(torch.ops.aten.gelu.out(h_e, out=p_buf[:n]).t(), do_e, out=dw_out[e])
                 dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
                 torch.ops.aten.gelu_backward.grad_input(dp, h_e, approximate="none", grad_input=h_e)
-            dh_e = h_e  # h's block now holds its own gradient
+                dh_e = h_e  # h's block now holds its own gradient
             if need_in:
                 x_e = torch.index_select(s_SD, 0, tok, out=x_buf[:n])
                 torch.mm(x_e.t(), dh_e, out=dw_in[e])
