@@ -265,11 +265,15 @@ def _step(m, x, impl):
     return [y, x.grad] + [p.grad for p in m.parameters()]
 
 
+@pytest.mark.parametrize("block_bytes", [None, 1, 16000])
 @pytest.mark.parametrize("case", ["h1-swiglu", "h4-gelu", "capacity", "unused-expert", "bf16-autocast", "float32"])
-def test_blocked_cpu_path_equals_grouped_path_bitwise(case):
+def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, monkeypatch):
     """The CPU path (expert blocks, reused buffers) computes what the grouped path computes, in the
     same order: outputs and every gradient are bitwise equal (so the choice is invisible to
-    training and determinism)."""
+    training and determinism), with all experts in one block (the default at these sizes), one
+    expert per block (1 byte) and a few experts per block (16000 bytes)."""
+    if block_bytes is not None:
+        monkeypatch.setattr(experts_mod, "BLOCK_BYTES", block_bytes)
     dtype = torch.float32 if case in ("bf16-autocast", "float32") else torch.float64
     kw = dict(d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
     kw.update({"h1-swiglu": dict(num_heads=1, top_k=1), "h4-gelu": dict(num_heads=4, activation="gelu"),
@@ -293,3 +297,11 @@ def test_blocked_cpu_path_equals_grouped_path_bitwise(case):
         assert (g is None) == (w is None)
         if g is not None:
             assert torch.equal(g, w)
+
+
+def test_expert_blocks_cover_every_row_once():
+    blocks = experts_mod._expert_blocks([3, 0, 5, 2, 0, 4, 0], row_bytes=experts_mod.BLOCK_BYTES // 6)
+    assert blocks == [(0, 8, [(0, 0, 3), (2, 3, 8)]), (8, 14, [(3, 8, 10), (5, 10, 14)])]
+    assert experts_mod._expert_blocks([0, 0], row_bytes=4) == []
+    one = experts_mod._expert_blocks([3, 0, 5], row_bytes=experts_mod.BLOCK_BYTES)  # one row per block
+    assert one == [(0, 3, [(0, 0, 3)]), (3, 8, [(2, 3, 8)])]

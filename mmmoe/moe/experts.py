@@ -21,7 +21,12 @@ fast kernel runs. With bf16 weights (``bf16-true``) nothing is cast.
 Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
 gate -> scatter-add): it saves the sub-tokens, the first matmul's output and the expert outputs,
 and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
-stored twice and the gathered A x D copy is not stored at all.
+stored twice and the gathered A x D copy is not stored at all. It comes in two implementations of
+the same function, chosen by ``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and
+``torch._grouped_mm``, no host sync: the accelerator path) and ``_BlockedExperts`` (expert by
+expert through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
+faults and the A x 2F elementwise passes, not the matmuls, dominated). Both give bitwise equal
+outputs and gradients.
 """
 
 from __future__ import annotations
@@ -242,20 +247,46 @@ class _FusedExperts(torch.autograd.Function):
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
-class _BlockedExperts(torch.autograd.Function):
-    """The same function as :class:`_FusedExperts`, computed expert block by expert block: the
-    CPU path.
+BLOCK_BYTES = 12 * 2**20
+"""Target size of the widest per-block buffer of ``_BlockedExperts`` (rows x first-matmul width):
+experts are grouped into blocks of consecutive rows up to about this size. Large enough that each
+elementwise op covers many rows (few parallel regions: robust with several threads on a busy
+machine), small enough that the buffers stay below glibc's 32 MiB mmap threshold (reused heap pages,
+no page faults) and mostly in cache."""
 
-    On CPU every fresh tensor of tens of MB costs page faults on first touch (the allocator returns
-    large blocks to the OS), which made the A x 2F elementwise passes and the gathers, not the
-    matmuls, the slow part of the layer. Here only the tensors that outlive one expert are full
-    size (the first matmul's output h and the expert outputs o, both saved; the result); the
-    gathered rows, the activation, its gradient and the input gradient of each expert live in
-    small buffers reused by every expert (and stay in cache between the matmul that writes them and
-    the elementwise pass that reads them). Matmuls are ``torch.mm(out=)`` per expert, which is what
-    ``torch._grouped_mm`` does on CPU. Needs the rows per expert as a Python list (free on CPU).
-    The accumulation order of every sum is the one of ``_FusedExperts`` (assignments in expert
-    order), so results are deterministic run to run.
+
+def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+    """Groups consecutive experts into row blocks: (block start, block end, [(expert, start, end)])
+    in assignment rows; experts without rows are left out, one expert is never split."""
+    target = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    blocks, parts, lo, pos = [], [], 0, 0
+    for e, n in enumerate(counts):
+        if n:
+            parts.append((e, pos, pos + n))
+        pos += n
+        if parts and (pos - lo >= target or e == len(counts) - 1):
+            blocks.append((lo, pos, parts))
+            parts, lo = [], pos
+    if parts:
+        blocks.append((lo, pos, parts))
+    return blocks
+
+
+class _BlockedExperts(torch.autograd.Function):
+    """The same function as :class:`_FusedExperts`, computed block by block of experts: the CPU
+    path.
+
+    On CPU every fresh tensor of tens of MB costs page faults on first touch (glibc returns large
+    blocks to the OS on free), which made the A x 2F elementwise passes and the gathers, not the
+    matmuls, the slow part of the layer. Here only the tensors that outlive one block are full size
+    (the first matmul's output h and the expert outputs o, both saved; the result and the
+    gradients); the gathered rows, the activation, the gradients of h and of the expert input live
+    in buffers of one block (:data:`BLOCK_BYTES`) reused by every block, and stay in cache between
+    the matmul that writes them and the elementwise pass that reads them. Matmuls are
+    ``torch.mm(out=)`` per expert, which is what ``torch._grouped_mm`` does on CPU, so any dtype and
+    width runs (no fallback). Needs the rows per expert as a Python list (derived from ``offs_E``: a
+    sync, free on CPU). Every sum accumulates in the order of ``_FusedExperts`` (assignments in
+    expert order), so results are bitwise those of the grouped path and deterministic run to run.
     """
 
     @staticmethod
@@ -263,28 +294,25 @@ class _BlockedExperts(torch.autograd.Function):
         with torch.autocast(s_SD.device.type, enabled=False):
             counts = counts if counts is not None else counts_from_offsets(offs_E)
             A, D = token_A.shape[0], s_SD.shape[1]
-            Fh = w_out.shape[1]
             h = s_SD.new_empty(A, w_in.shape[2])
             o = s_SD.new_empty(A, D)
             y_SD = s_SD.new_zeros(s_SD.shape)
-            n_max = max(counts, default=0)
-            x_buf = s_SD.new_empty(n_max, D)
-            p_buf = s_SD.new_empty(n_max, Fh)
+            blocks = _expert_blocks(counts, h.shape[1] * h.element_size())
+            m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
+            x_buf = s_SD.new_empty(m_max, D)
+            p_buf = s_SD.new_empty(m_max, w_out.shape[1])
             gate = gate_A.to(o.dtype).unsqueeze(-1)
-            lo = 0
-            for e, n in enumerate(counts):
-                if n == 0:
-                    continue
-                hi = lo + n
-                tok, h_e, o_e = token_A[lo:hi], h[lo:hi], o[lo:hi]
-                x_e = torch.index_select(s_SD, 0, tok, out=x_buf[:n])
-                torch.mm(x_e, w_in[e], out=h_e)
-                p_e = _act_into(h_e, activation, p_buf[:n])
-                torch.mm(p_e, w_out[e], out=o_e)
-                y_SD.index_add_(0, tok, torch.mul(o_e, gate[lo:hi], out=x_buf[:n]))
-                lo = hi
+            for lo, hi, parts in blocks:
+                m, tok = hi - lo, token_A[lo:hi]
+                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                for e, a, b in parts:
+                    torch.mm(x_b[a - lo:b - lo], w_in[e], out=h[a:b])
+                p_b = _act_into(h[lo:hi], activation, p_buf[:m])
+                for e, a, b in parts:
+                    torch.mm(p_b[a - lo:b - lo], w_out[e], out=o[a:b])
+                y_SD.index_add_(0, tok, torch.mul(o[lo:hi], gate[lo:hi], out=x_buf[:m]))
         ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, h, o)
-        ctx.counts, ctx.activation, ctx.consumed = counts, activation, False
+        ctx.blocks, ctx.activation, ctx.consumed = blocks, activation, False
         return y_SD
 
     @staticmethod
@@ -301,55 +329,60 @@ class _BlockedExperts(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy_SD):
         s_SD, token_A, gate_A, w_in, w_out, h, o = ctx.saved_tensors
-        counts, activation = ctx.counts, ctx.activation
+        blocks, activation = ctx.blocks, ctx.activation
         need_s, need_gate, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         dy_SD = dy_SD.to(o.dtype).contiguous()
         D, Fh = o.shape[1], w_out.shape[1]
         acc = torch.promote_types(o.dtype, torch.float32)  # the gate gradient feeds the float32 router
         ds = torch.zeros_like(s_SD) if need_s else None
         dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
-        dw_in = torch.zeros_like(w_in) if need_in else None
+        dw_in = torch.zeros_like(w_in) if need_in else None  # experts without rows keep zeros
         dw_out = torch.zeros_like(w_out) if need_out else None
-        n_max = max(counts, default=0)
-        d_buf = o.new_empty(n_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
-        x_buf = o.new_empty(n_max, D)
-        a_buf = o.new_empty(n_max, Fh)  # activation (swiglu: silu(a))
-        p_buf = o.new_empty(n_max, Fh)  # activation output -> its gradient
-        dh_buf = o.new_empty(n_max, h.shape[1]) if activation == "swiglu" else None  # [d a | d b]
+        m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
+        d_buf = o.new_empty(m_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
+        x_buf = o.new_empty(m_max, D)
+        a_buf = o.new_empty(m_max, Fh)  # swiglu: silu(a)
+        p_buf = o.new_empty(m_max, Fh)  # activation output -> its gradient
+        dh_buf = o.new_empty(m_max, h.shape[1]) if activation == "swiglu" else None  # [d a | d b]
         gate = gate_A.to(o.dtype).unsqueeze(-1)
-        lo = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            hi = lo + n
-            tok, h_e = token_A[lo:hi], h[lo:hi]
-            dy_e = torch.index_select(dy_SD, 0, tok, out=d_buf[:n])
+        for lo, hi, parts in blocks:
+            m, tok, h_b = hi - lo, token_A[lo:hi], h[lo:hi]
+            dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
             if need_gate:
-                dgate[lo:hi] = torch.linalg.vecdot(dy_e.to(acc), o[lo:hi].to(acc)).to(dgate.dtype)
-            do_e = dy_e.mul_(gate[lo:hi])
+                dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o[lo:hi].to(acc)).to(dgate.dtype)
+            do_b = dy_b.mul_(gate[lo:hi])
             if activation == "swiglu":
-                a, b = h_e.chunk(2, dim=-1)
-                act = torch.ops.aten.silu.out(a, out=a_buf[:n])
+                a, b = h_b.chunk(2, dim=-1)
+                act = torch.ops.aten.silu.out(a, out=a_buf[:m])
                 if need_out:
-                    torch.mm(torch.mul(act, b, out=p_buf[:n]).t(), do_e, out=dw_out[e])
-                dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
-                dh_e = dh_buf[:n]
-                da, db = dh_e.chunk(2, dim=-1)
+                    p_b = torch.mul(act, b, out=p_buf[:m])
+                    for e, i, j in parts:
+                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
+                dp = p_buf[:m]
+                dh_b = dh_buf[:m]
+                da, db = dh_b.chunk(2, dim=-1)
                 torch.mul(dp, act, out=db)
                 b.mul_(dp)  # b := dp * b, the gradient reaching silu(a) (h is not read again)
                 torch.ops.aten.silu_backward.grad_input(b, a, grad_input=da)
             else:
                 if need_out:
-                    torch.mm(torch.ops.aten.gelu.out(h_e, out=p_buf[:n]).t(), do_e, out=dw_out[e])
-                dp = torch.mm(do_e, w_out[e].t(), out=p_buf[:n])
-                torch.ops.aten.gelu_backward.grad_input(dp, h_e, approximate="none", grad_input=h_e)
-                dh_e = h_e  # h's block now holds its own gradient
+                    p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
+                    for e, i, j in parts:
+                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
+                torch.ops.aten.gelu_backward.grad_input(p_buf[:m], h_b, approximate="none", grad_input=h_b)
+                dh_b = h_b  # h's block now holds its own gradient
             if need_in:
-                x_e = torch.index_select(s_SD, 0, tok, out=x_buf[:n])
-                torch.mm(x_e.t(), dh_e, out=dw_in[e])
+                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                for e, i, j in parts:
+                    torch.mm(x_b[i - lo:j - lo].t(), dh_b[i - lo:j - lo], out=dw_in[e])
             if need_s:
-                ds.index_add_(0, tok, torch.mm(dh_e, w_in[e].t(), out=d_buf[:n]))
-            lo = hi
+                for e, i, j in parts:
+                    torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
+                ds.index_add_(0, tok, d_buf[:m])
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
