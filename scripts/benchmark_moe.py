@@ -236,9 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--impl", nargs="+", default=["auto"], choices=["auto", "blocked", "grouped"],
-                   help="how training runs through the experts (GroupedExperts.impl): auto (blocked on CPU with one "
-                        "torch thread, grouped otherwise), blocked, grouped; several values time each side by side "
-                        "(default auto)")
+                   help="how training runs through the experts (GroupedExperts.impl): auto (blocked on CPU, grouped "
+                        "elsewhere), blocked, grouped; several values time each side by side (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     a = p.parse_args(argv)
     if a.dtype is None:

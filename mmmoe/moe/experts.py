@@ -25,8 +25,8 @@ stored twice and the gathered A x D copy is not stored at all. It comes in two i
 the same function, chosen by ``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and
 ``torch._grouped_mm``, no host sync: the accelerator path) and ``_BlockedExperts`` (expert by
 expert through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
-faults and the A x 2F elementwise passes, not the matmuls, dominated; taken on CPU with one torch
-thread). Both give bitwise equal outputs and gradients.
+faults and the A x 2F elementwise passes, not the matmuls, dominated). Both give bitwise equal
+outputs and gradients.
 """
 
 from __future__ import annotations
@@ -411,12 +411,11 @@ class GroupedExperts(nn.Module):
         """How training runs through the experts: ``"grouped"`` (``_FusedExperts``: full-size
         gathers and ``torch._grouped_mm``, no host sync; the accelerator path), ``"blocked"``
         (``_BlockedExperts``: blocks of experts through small reused buffers; the CPU path), or
-        ``"auto"``: blocked on CPU with one torch thread, grouped otherwise. Same function, bitwise
-        the same results. Why one thread: blocked makes a few times more parallel regions (an
-        elementwise op per block), and with several threads on an oversubscribed CPU each region
-        waits for a descheduled thread; measured on the shared 2-core machine (another process on
-        one core) blocked lost there with 2 threads while it won clearly with 1. On a quiet
-        multi-core CPU compare both with ``scripts/benchmark_moe.py --impl grouped blocked``."""
+        ``"auto"``: blocked on CPU, grouped elsewhere. Same function, bitwise the same results.
+        Blocked makes a few times more parallel regions (elementwise ops per block), so on an
+        oversubscribed CPU (more torch threads than free cores) each region waits for a descheduled
+        thread and grouped degrades less (both far worse than with fewer threads); compare with
+        ``scripts/benchmark_moe.py --impl grouped blocked``."""
         mult = 2 if activation == "swiglu" else 1
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, mult * hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -449,7 +448,7 @@ class GroupedExperts(nn.Module):
         args = (s_SD.to(dt), token_A, gate_A.to(dt), self.w_in.to(dt), self.w_out.to(dt), offs_E, counts, self.activation)
         if _is_compiling():
             return _experts_reference_ops(*args)  # the compiler traces plain ops
-        if self.impl == "blocked" or (self.impl == "auto" and s_SD.device.type == "cpu" and torch.get_num_threads() == 1):
+        if self.impl == "blocked" or (self.impl == "auto" and s_SD.device.type == "cpu"):
             return _BlockedExperts.apply(*args)
         return _FusedExperts.apply(*args)
 
