@@ -33,7 +33,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -51,15 +51,22 @@ class Variant:
     macs: int
 
 
-def variants(d: int, hidden: int, base_experts: int, tokens: int) -> List[Variant]:
-    def moe(h: int, k: int, e: int, f: int) -> Callable[[], torch.nn.Module]:
-        return lambda: MHMoE(MoEConfig(d_model=d, num_experts=e, expert_hidden=f, top_k=k, num_heads=h))
+def variants(d: int, hidden: int, base_experts: int, tokens: int, impls: Sequence[str] = ("auto",)) -> List[Variant]:
+    def moe(h: int, k: int, e: int, f: int, impl: str) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            m = MHMoE(MoEConfig(d_model=d, num_experts=e, expert_hidden=f, top_k=k, num_heads=h))
+            m.experts.impl = impl
+            return m
+
+        return build
 
     out = [Variant("dense", lambda: FeedForward(d, hidden, "swiglu"), 3 * d * hidden)]
-    out.append(Variant(f"smoe {base_experts}x{hidden} k1", moe(1, 1, base_experts, hidden), 3 * d * hidden))
-    for h, k in ((2, 2), (4, 2)):
-        e, f = base_experts * h, hidden // h
-        out.append(Variant(f"mh-moe h={h} {e}x{f} k{k}", moe(h, k, e, f), 2 * d * d + 3 * d * f * k))
+    for impl in impls:
+        tag = "" if impl == "auto" else f" [{impl}]"
+        out.append(Variant(f"smoe {base_experts}x{hidden} k1{tag}", moe(1, 1, base_experts, hidden, impl), 3 * d * hidden))
+        for h, k in ((2, 2), (4, 2)):
+            e, f = base_experts * h, hidden // h
+            out.append(Variant(f"mh-moe h={h} {e}x{f} k{k}{tag}", moe(h, k, e, f, impl), 2 * d * d + 3 * d * f * k))
     return out
 
 
@@ -164,7 +171,7 @@ def bench(args: argparse.Namespace) -> List[dict]:
     rows = []
     for base in args.experts:
         torch.manual_seed(0)
-        vs = variants(args.d_model, args.hidden, base, args.tokens)
+        vs = variants(args.d_model, args.hidden, base, args.tokens, args.impl)
         mods = [v.build().to(device, dtype) for v in vs]
         x = torch.randn(args.tokens, args.d_model, device=device, dtype=dtype, requires_grad=True)
         for m in mods:
@@ -208,11 +215,11 @@ def bench(args: argparse.Namespace) -> List[dict]:
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} (medians of per-round ratios to dense)")
-    hdr = f"{'E':>3}  {'variant':<24} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
+    hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['experts']:>3}  {r['variant']:<24} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} {r['time_per_mac_ratio']:>10.2f} "
+        print(f"{r['experts']:>3}  {r['variant']:<34} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} {r['time_per_mac_ratio']:>10.2f} "
               f"{r['saved_mib']:>10.1f} {r['saved_ratio']:>8.2f} {r['peak_mib']:>9.1f} {r['peak_ratio']:>7.2f}")
 
 
@@ -228,6 +235,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--impl", nargs="+", default=["auto"], choices=["auto", "blocked", "grouped"],
+                   help="how training runs through the experts (GroupedExperts.impl): auto (blocked on CPU, grouped "
+                        "elsewhere), blocked, grouped; several values time each side by side (default auto)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     a = p.parse_args(argv)
     if a.dtype is None:

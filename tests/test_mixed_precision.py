@@ -71,18 +71,23 @@ def test_layer_bf16_autocast_backward_matches_float32(name):
             assert _cosine(got[n], ref[n]) > 0.95, f"{n}: cosine {_cosine(got[n], ref[n]):.4f} vs float32"
 
 
-def test_fast_grouped_path_is_taken_under_autocast(monkeypatch):
-    """Fails if any grouped matmul of forward or backward falls back to the per-expert loop."""
+@pytest.mark.parametrize("impl", ["grouped", "blocked"])
+def test_fast_grouped_path_is_taken_under_autocast(monkeypatch, impl):
+    """Fails if any grouped matmul of forward or backward falls back to the per-expert loop, on the
+    accelerator path (grouped, forced here on CPU) and on the CPU path (blocked)."""
     if not experts_mod._HAS_GROUPED_MM:
         pytest.skip("this torch has no _grouped_mm")
 
     def no_loop(*args, **kwargs):
-        raise AssertionError("per-expert fallback loop taken under autocast")
+        raise AssertionError(f"a path other than {impl} (or the per-expert fallback loop) taken under autocast")
 
     monkeypatch.setattr(experts_mod, "_loop_mm", no_loop)
     monkeypatch.setattr(experts_mod, "_loop_wgrad", no_loop)
+    other = {"blocked": experts_mod._FusedExperts, "grouped": experts_mod._BlockedExperts}[impl]
+    monkeypatch.setattr(other, "apply", no_loop)
     for name in ("mhmoe-h2", "smoe-h1", "gelu", "bitnet"):
         layer = _layer(name)
+        layer.experts.impl = impl
         x = torch.randn(5, 13, 64)  # an odd number of rows (the weight-gradient operand is padded)
         with torch.autocast("cpu", torch.bfloat16):
             y, out = layer(x)

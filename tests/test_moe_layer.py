@@ -5,10 +5,21 @@ import pytest
 import torch
 
 from mmmoe.moe import MHMoE, MoEConfig
+from mmmoe.moe import experts as experts_mod
 from mmmoe.moe.dispatch import expert_capacity, permute
 from mmmoe.moe.router import load_balance_loss
 from mmmoe.moe.stats import sub_token_divergence
 from tests.moe_reference import reference_forward
+
+
+def _only_path(monkeypatch, impl):
+    """Make the experts' other autograd function raise, so a test provably runs ``impl``."""
+    other = {"blocked": experts_mod._FusedExperts, "grouped": experts_mod._BlockedExperts}[impl]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{other.__name__} ran, expected the {impl} path")
+
+    monkeypatch.setattr(other, "apply", refuse)
 
 
 def make(dtype=torch.float64, seed=0, **kw):
@@ -28,11 +39,15 @@ def _zero(m, x):
 
 
 @pytest.mark.parametrize(
-    "h,k,act,router",
-    list(itertools.product([1, 2, 4], [1, 2], ["swiglu", "gelu"], ["softmax", "xmoe"])),
+    "h,k,act,router,impl",
+    [c + ("blocked",) for c in itertools.product([1, 2, 4], [1, 2], ["swiglu", "gelu"], ["softmax", "xmoe"])]
+    + [(h, 2, act, "softmax", "grouped") for h in (1, 2, 4) for act in ("swiglu", "gelu")],
 )
-def test_dropless_matches_loop_reference_float64(h, k, act, router):
+def test_dropless_matches_loop_reference_float64(h, k, act, router, impl, monkeypatch):
+    # both training paths of the experts (blocked: CPU; grouped: accelerators), gradients included
+    _only_path(monkeypatch, impl)
     m = make(num_heads=h, top_k=k, activation=act, router=router, shared_expert_hidden=8 if h == 2 else 0)
+    m.experts.impl = impl
     x = torch.randn(11, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(11, 16, dtype=torch.float64)
     y, out = m(x)
@@ -239,3 +254,54 @@ def test_second_backward_through_one_graph_is_refused():
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         y.sum().backward()
+
+
+def _step(m, x, impl):
+    m.experts.impl = impl
+    m.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y, out = m(x)
+    (y.float().square().mean() + out.loss).backward()
+    return [y, x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1, 16000])
+@pytest.mark.parametrize("case", ["h1-swiglu", "h4-gelu", "capacity", "unused-expert", "bf16-autocast", "float32"])
+def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, monkeypatch):
+    """The CPU path (expert blocks, reused buffers) computes what the grouped path computes, in the
+    same order: outputs and every gradient are bitwise equal (so the choice is invisible to
+    training and determinism), with all experts in one block (the default at these sizes), one
+    expert per block (1 byte) and a few experts per block (16000 bytes)."""
+    if block_bytes is not None:
+        monkeypatch.setattr(experts_mod, "BLOCK_BYTES", block_bytes)
+    dtype = torch.float32 if case in ("bf16-autocast", "float32") else torch.float64
+    kw = dict(d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
+    kw.update({"h1-swiglu": dict(num_heads=1, top_k=1), "h4-gelu": dict(num_heads=4, activation="gelu"),
+               "capacity": dict(capacity_factor=0.5), "unused-expert": dict(balancing="aux_free")}.get(case, {}))
+    m = make(dtype=dtype, **kw)
+    if case == "unused-expert":
+        with torch.no_grad():
+            m.expert_bias[3] = -10.0  # an expert with no rows: zero weight gradient on both paths
+    x = torch.randn(3, 13, 32, dtype=dtype)
+    with torch.autocast("cpu", torch.bfloat16, enabled=case == "bf16-autocast"):
+        got = _step(m, x, "blocked")
+        want = _step(m, x, "grouped")
+    if case == "bf16-autocast":
+        assert got[0].dtype == torch.bfloat16
+    if case == "unused-expert":
+        names = [n for n, _ in m.named_parameters()]
+        for w in ("experts.w_in", "experts.w_out"):
+            g = got[2 + names.index(w)]
+            assert torch.all(g[3] == 0) and g.abs().sum() > 0
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.equal(g, w)
+
+
+def test_expert_blocks_cover_every_row_once():
+    blocks = experts_mod._expert_blocks([3, 0, 5, 2, 0, 4, 0], row_bytes=experts_mod.BLOCK_BYTES // 6)
+    assert blocks == [(0, 8, [(0, 0, 3), (2, 3, 8)]), (8, 14, [(3, 8, 10), (5, 10, 14)])]
+    assert experts_mod._expert_blocks([0, 0], row_bytes=4) == []
+    one = experts_mod._expert_blocks([3, 0, 5], row_bytes=experts_mod.BLOCK_BYTES)  # one row per block
+    assert one == [(0, 3, [(0, 0, 3)]), (3, 8, [(2, 3, 8)])]

@@ -21,7 +21,12 @@ fast kernel runs. With bf16 weights (``bf16-true``) nothing is cast.
 Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
 gate -> scatter-add): it saves the sub-tokens, the first matmul's output and the expert outputs,
 and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
-stored twice and the gathered A x D copy is not stored at all.
+stored twice and the gathered A x D copy is not stored at all. It comes in two implementations of
+the same function, chosen by ``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and
+``torch._grouped_mm``, no host sync: the accelerator path) and ``_BlockedExperts`` (expert by
+expert through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
+faults and the A x 2F elementwise passes, not the matmuls, dominated). Both give bitwise equal
+outputs and gradients.
 """
 
 from __future__ import annotations
@@ -242,6 +247,153 @@ class _FusedExperts(torch.autograd.Function):
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
+BLOCK_BYTES = 12 * 2**20
+"""Target size of the widest per-block buffer of ``_BlockedExperts`` (rows x first-matmul width):
+experts are grouped into blocks of consecutive rows up to about this size. Large enough that each
+elementwise op covers many rows (few parallel regions: robust with several threads on a busy
+machine), small enough that the buffers stay below glibc's 32 MiB mmap threshold (reused heap pages,
+no page faults) and mostly in cache."""
+
+
+def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
+    """Groups consecutive experts into row blocks: (block start, block end, [(expert, start, end)])
+    in assignment rows; experts without rows are left out, one expert is never split."""
+    target = max(1, BLOCK_BYTES // max(row_bytes, 1))
+    blocks, parts, lo, pos = [], [], 0, 0
+    for e, n in enumerate(counts):
+        if n:
+            parts.append((e, pos, pos + n))
+        pos += n
+        if parts and (pos - lo >= target or e == len(counts) - 1):
+            blocks.append((lo, pos, parts))
+            parts, lo = [], pos
+    if parts:
+        blocks.append((lo, pos, parts))
+    return blocks
+
+
+class _BlockedExperts(torch.autograd.Function):
+    """The same function as :class:`_FusedExperts`, computed block by block of experts: the CPU
+    path.
+
+    On CPU every fresh tensor of tens of MB costs page faults on first touch (glibc returns large
+    blocks to the OS on free), which made the A x 2F elementwise passes and the gathers, not the
+    matmuls, the slow part of the layer. Here only the tensors that outlive one block are full size
+    (the first matmul's output h and the expert outputs o, both saved; the result and the
+    gradients); the gathered rows, the activation, the gradients of h and of the expert input live
+    in buffers of one block (:data:`BLOCK_BYTES`) reused by every block, and stay in cache between
+    the matmul that writes them and the elementwise pass that reads them. Matmuls are
+    ``torch.mm(out=)`` per expert, which is what ``torch._grouped_mm`` does on CPU, so any dtype and
+    width runs (no fallback). Needs the rows per expert as a Python list (derived from ``offs_E``: a
+    sync, free on CPU). Every sum accumulates in the order of ``_FusedExperts`` (assignments in
+    expert order), so results are bitwise those of the grouped path and deterministic run to run.
+    """
+
+    @staticmethod
+    def forward(ctx, s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
+        with torch.autocast(s_SD.device.type, enabled=False):
+            counts = counts if counts is not None else counts_from_offsets(offs_E)
+            A, D = token_A.shape[0], s_SD.shape[1]
+            h = s_SD.new_empty(A, w_in.shape[2])
+            o = s_SD.new_empty(A, D)
+            y_SD = s_SD.new_zeros(s_SD.shape)
+            blocks = _expert_blocks(counts, h.shape[1] * h.element_size())
+            m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
+            x_buf = s_SD.new_empty(m_max, D)
+            p_buf = s_SD.new_empty(m_max, w_out.shape[1])
+            gate = gate_A.to(o.dtype).unsqueeze(-1)
+            for lo, hi, parts in blocks:
+                m, tok = hi - lo, token_A[lo:hi]
+                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                for e, a, b in parts:
+                    torch.mm(x_b[a - lo:b - lo], w_in[e], out=h[a:b])
+                p_b = _act_into(h[lo:hi], activation, p_buf[:m])
+                for e, a, b in parts:
+                    torch.mm(p_b[a - lo:b - lo], w_out[e], out=o[a:b])
+                y_SD.index_add_(0, tok, torch.mul(o[lo:hi], gate[lo:hi], out=x_buf[:m]))
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, h, o)
+        ctx.blocks, ctx.activation, ctx.consumed = blocks, activation, False
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        if ctx.consumed:
+            raise RuntimeError(
+                "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
+                "in place, so retain_graph=True double backward is not supported"
+            )
+        ctx.consumed = True
+        with torch.autocast(dy_SD.device.type, enabled=False):
+            return _BlockedExperts._backward(ctx, dy_SD)
+
+    @staticmethod
+    def _backward(ctx, dy_SD):
+        s_SD, token_A, gate_A, w_in, w_out, h, o = ctx.saved_tensors
+        blocks, activation = ctx.blocks, ctx.activation
+        need_s, need_gate, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
+        dy_SD = dy_SD.to(o.dtype).contiguous()
+        D, Fh = o.shape[1], w_out.shape[1]
+        acc = torch.promote_types(o.dtype, torch.float32)  # the gate gradient feeds the float32 router
+        ds = torch.zeros_like(s_SD) if need_s else None
+        dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
+        dw_in = torch.zeros_like(w_in) if need_in else None  # experts without rows keep zeros
+        dw_out = torch.zeros_like(w_out) if need_out else None
+        m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
+        d_buf = o.new_empty(m_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
+        x_buf = o.new_empty(m_max, D)
+        a_buf = o.new_empty(m_max, Fh)  # swiglu: silu(a)
+        p_buf = o.new_empty(m_max, Fh)  # activation output -> its gradient
+        dh_buf = o.new_empty(m_max, h.shape[1]) if activation == "swiglu" else None  # [d a | d b]
+        gate = gate_A.to(o.dtype).unsqueeze(-1)
+        for lo, hi, parts in blocks:
+            m, tok, h_b = hi - lo, token_A[lo:hi], h[lo:hi]
+            dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
+            if need_gate:
+                dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o[lo:hi].to(acc)).to(dgate.dtype)
+            do_b = dy_b.mul_(gate[lo:hi])
+            if activation == "swiglu":
+                a, b = h_b.chunk(2, dim=-1)
+                act = torch.ops.aten.silu.out(a, out=a_buf[:m])
+                if need_out:
+                    p_b = torch.mul(act, b, out=p_buf[:m])
+                    for e, i, j in parts:
+                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
+                dp = p_buf[:m]
+                dh_b = dh_buf[:m]
+                da, db = dh_b.chunk(2, dim=-1)
+                torch.mul(dp, act, out=db)
+                b.mul_(dp)  # b := dp * b, the gradient reaching silu(a) (h is not read again)
+                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=da)
+            else:
+                if need_out:
+                    p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
+                    for e, i, j in parts:
+                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
+                torch.ops.aten.gelu_backward.grad_input(p_buf[:m], h_b, approximate="none", grad_input=h_b)
+                dh_b = h_b  # h's block now holds its own gradient
+            if need_in:
+                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                for e, i, j in parts:
+                    torch.mm(x_b[i - lo:j - lo].t(), dh_b[i - lo:j - lo], out=dw_in[e])
+            if need_s:
+                for e, i, j in parts:
+                    torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
+                ds.index_add_(0, tok, d_buf[:m])
+        return ds, None, dgate, dw_in, dw_out, None, None, None
+
+
+def _act_into(h_AH: Tensor, activation: str, out: Tensor) -> Tensor:
+    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU of ``h_AH``, written into ``out``."""
+    if activation == "swiglu":
+        a, b = h_AH.chunk(2, dim=-1)
+        return torch.ops.aten.silu.out(a, out=out).mul_(b)
+    return torch.ops.aten.gelu.out(h_AH, out=out)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs of width ``dim -> hidden -> dim`` stored as two 3-D weight tensors.
 
@@ -255,6 +407,15 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.activation, self.bitnet = activation, bitnet
+        self.impl = "auto"
+        """How training runs through the experts: ``"grouped"`` (``_FusedExperts``: full-size
+        gathers and ``torch._grouped_mm``, no host sync; the accelerator path), ``"blocked"``
+        (``_BlockedExperts``: blocks of experts through small reused buffers; the CPU path), or
+        ``"auto"``: blocked on CPU, grouped elsewhere. Same function, bitwise the same results.
+        Blocked makes a few times more parallel regions (elementwise ops per block), so on an
+        oversubscribed CPU (more torch threads than free cores) each region waits for a descheduled
+        thread and grouped degrades less (both far worse than with fewer threads); compare with
+        ``scripts/benchmark_moe.py --impl grouped blocked``."""
         mult = 2 if activation == "swiglu" else 1
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, mult * hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
@@ -287,6 +448,8 @@ class GroupedExperts(nn.Module):
         args = (s_SD.to(dt), token_A, gate_A.to(dt), self.w_in.to(dt), self.w_out.to(dt), offs_E, counts, self.activation)
         if _is_compiling():
             return _experts_reference_ops(*args)  # the compiler traces plain ops
+        if self.impl == "blocked" or (self.impl == "auto" and s_SD.device.type == "cpu"):
+            return _BlockedExperts.apply(*args)
         return _FusedExperts.apply(*args)
 
     def _forward_bitnet(self, s_SD, token_A, gate_A, offs_E, counts, dt) -> Tensor:
