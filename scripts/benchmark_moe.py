@@ -10,7 +10,10 @@ Variants, for each base expert count E (default 8, 16, 32), at width d and dense
   smoe       E experts x F, top-1, no head/merge layers (= MH-MoE h=1)
   mh-moe h=2 2E experts x F/2, top-2, head + merge layers
   mh-moe h=4 4E experts x F/4, top-2, head + merge layers
-The MACs/token column gives each variant's active multiply-adds, router excluded.
+The MACs/token column gives each variant's active multiply-adds, router excluded. The MH-MoE
+variants do not have the dense FFN's MACs (h=2 more, h=4 fewer: head and merge layers counted), so
+each also gets a FLOP-matched dense SwiGLU FFN (hidden = its MACs / 3d, rounded), timed in the same
+rounds: "x matched" is the time ratio to that one, the equal-active-FLOPs comparison.
 
 Memory: "saved" is the bytes autograd keeps for backward (distinct storages, parameters
 excluded), from saved-tensor hooks; "peak" is the peak of memory allocated during one step beyond
@@ -33,7 +36,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,6 +52,7 @@ class Variant:
     name: str
     build: Callable[[], torch.nn.Module]
     macs: int
+    matched: Optional[str] = None  # name of the FLOP-matched dense variant (None: the dense itself)
 
 
 def variants(d: int, hidden: int, base_experts: int, tokens: int, impls: Sequence[str] = ("auto",)) -> List[Variant]:
@@ -60,13 +64,21 @@ def variants(d: int, hidden: int, base_experts: int, tokens: int, impls: Sequenc
 
         return build
 
-    out = [Variant("dense", lambda: FeedForward(d, hidden, "swiglu"), 3 * d * hidden)]
+    def dense(f: int) -> Callable[[], torch.nn.Module]:
+        return lambda: FeedForward(d, f, "swiglu")
+
+    out = [Variant("dense", dense(hidden), 3 * d * hidden)]
+    for h, k in ((2, 2), (4, 2)):  # the FLOP-matched dense FFN of each MH-MoE shape
+        f = max(1, round((2 * d * d + 3 * d * (hidden // h) * k) / (3 * d)))
+        out.append(Variant(f"dense F={f} (= h={h} MACs)", dense(f), 3 * d * f))
     for impl in impls:
         tag = "" if impl == "auto" else f" [{impl}]"
-        out.append(Variant(f"smoe {base_experts}x{hidden} k1{tag}", moe(1, 1, base_experts, hidden, impl), 3 * d * hidden))
+        out.append(Variant(f"smoe {base_experts}x{hidden} k1{tag}", moe(1, 1, base_experts, hidden, impl), 3 * d * hidden,
+                           "dense"))
         for h, k in ((2, 2), (4, 2)):
             e, f = base_experts * h, hidden // h
-            out.append(Variant(f"mh-moe h={h} {e}x{f} k{k}{tag}", moe(h, k, e, f, impl), 2 * d * d + 3 * d * f * k))
+            out.append(Variant(f"mh-moe h={h} {e}x{f} k{k}{tag}", moe(h, k, e, f, impl), 2 * d * d + 3 * d * f * k,
+                               out[h // 2].name))
     return out
 
 
@@ -199,11 +211,14 @@ def bench(args: argparse.Namespace) -> List[dict]:
                 times[i].append(time.perf_counter() - t0)
         saved = [saved_bytes(m, x) for m in mods]
         peaks = [peak_memory(v, x) for v in vs]
+        index = {v.name: i for i, v in enumerate(vs)}
         for i, v in enumerate(vs):
             ratios = [t / d for t, d in zip(times[i], times[0])]
+            ref = times[index[v.matched]] if v.matched else None
             rows.append(dict(
                 experts=base, variant=v.name, macs_per_token=v.macs,
                 time_ms=1e3 * statistics.median(times[i]), time_ratio=statistics.median(ratios),
+                matched_ratio=statistics.median([t / m for t, m in zip(times[i], ref)]) if ref else None,
                 time_per_mac_ratio=statistics.median(ratios) * vs[0].macs / v.macs,
                 saved_mib=saved[i] / 2**20, saved_ratio=saved[i] / saved[0],
                 peak_mib=peaks[i] / 2**20, peak_ratio=peaks[i] / peaks[0] if peaks[0] else float("nan"),
@@ -215,11 +230,12 @@ def bench(args: argparse.Namespace) -> List[dict]:
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} (medians of per-round ratios to dense)")
-    hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
+    hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'x matched':>9} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['experts']:>3}  {r['variant']:<34} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} {r['time_per_mac_ratio']:>10.2f} "
+        matched = "-" if r["matched_ratio"] is None else f"{r['matched_ratio']:.2f}"
+        print(f"{r['experts']:>3}  {r['variant']:<34} {r['macs_per_token']:>10,} {r['time_ms']:>8.1f} {r['time_ratio']:>7.2f} {matched:>9} {r['time_per_mac_ratio']:>10.2f} "
               f"{r['saved_mib']:>10.1f} {r['saved_ratio']:>8.2f} {r['peak_mib']:>9.1f} {r['peak_ratio']:>7.2f}")
 
 
