@@ -276,6 +276,7 @@ def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity
         with torch.device("meta"):  # no initialisation: the global RNG stream stays that of one device
             local = GroupedExperts(El, full.dim, full.hidden, full.activation, full.bitnet)
         local = local.to_empty(device=full.w_in.device).to(dtype=full.w_in.dtype)
+        local.impl = full.impl  # the training path the user chose (auto / blocked / grouped)
         with torch.no_grad():
             for w in EXPERT_WEIGHTS:
                 getattr(local, w).copy_(getattr(full, w)[lo:lo + El])
