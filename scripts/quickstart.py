@@ -20,7 +20,7 @@ Each stage runs the shipped config (configs/pretrain/tiny.yaml, configs/finetune
 the same entry points as the commands a user types (`mmmoe fit`, `mmmoe evaluate`, in this process),
 and prints that exact command first. The configs are copied to <out>/<variant>/configs/ with their run
 folders (and --data, when not data/synth) moved, so every printed command runs as shown. Runs on CPU
-in about 20 minutes with the defaults (2 cores), on a GPU when present.
+in about 10 minutes with the defaults (2 cores), on a GPU when present.
 """
 
 from __future__ import annotations
