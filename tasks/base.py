@@ -414,15 +414,22 @@ class MMMoEModule(pl.LightningModule):
                              frame: Any = None, logger: bool = True) -> None:
         """Lightning's, plus: called without ``args`` it records the constructor arguments of every
         class in the chain (this one's included, defaults too, whichever ``__init__`` calls it),
-        with ``backbone`` and ``optim`` as plain dicts. The base calls it, so subclasses need not."""
+        with ``backbone`` and ``optim`` as plain dicts. The base calls it, so subclasses need not.
+        Built by LightningCLI, the module records the parsed config as Lightning does (with its
+        ``_class_path``, which ``--ckpt_path`` and ``load_from_checkpoint`` use)."""
         if args:
             return super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
         from pytorch_lightning.utilities.parsing import collect_init_args
 
-        frame = frame or inspect.currentframe().f_back
-        hp: Dict[str, Any] = {}
-        for local_args in collect_init_args(frame, [], classes=(MMMoEModule,)):
-            hp.update(local_args)
+        given = _given_hyperparameters.get()
+        if given is not None:  # LightningCLI's instantiation: its config, defaults filled in
+            hp: Dict[str, Any] = dict(given)
+        else:
+            frame = frame or inspect.currentframe().f_back
+            hp = {}
+            for local_args in collect_init_args(frame, [], classes=(MMMoEModule,)):
+                hp.update(local_args)
         hp.update(self._base_hparams)
         for name in [ignore] if isinstance(ignore, str) else (ignore or []):
             hp.pop(name, None)

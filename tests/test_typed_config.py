@@ -236,3 +236,29 @@ def test_checkpoint_of_the_old_layout_still_loads(tmp_path):
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": old}, path)
     again = load_task_module(NLVR2Module, path)
     assert again.config == m.config and again.config.moe.router == "xmoe" and again.optim_spec.lr == 2e-4
+
+
+def test_cli_built_module_keeps_lightnings_records(tmp_path):
+    """Built by LightningCLI, hparams are its config (with ``_class_path``): a checkpoint then
+    restores the module with ``load_from_checkpoint`` and the model config with ``--ckpt_path``."""
+    from tasks.pretrain import PretrainModule
+
+    class NoRun(MMMoECLI):
+        def _run_subcommand(self, subcommand):
+            pass
+
+    args = ["--config", str(TINY), "--builtin_data", "null", "--model.init_args.tokenizer", "null",
+            "--trainer.logger", "false", "--model.init_args.backbone.depth", "1"]
+    m = NoRun(args=["fit", *args, "--model.init_args.optim.lr", "3e-4"]).model
+    assert m.hparams["_class_path"] == "tasks.pretrain.PretrainModule"
+    assert m.hparams["backbone"] == BackboneSpec("tiny", "mhmoe-h2", depth=1).to_dict()
+    assert m.hparams["optim"]["lr"] == 3e-4
+    path = tmp_path / "cli.ckpt"
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.strategy.connect(m)
+    trainer.save_checkpoint(path)
+    again = PretrainModule.load_from_checkpoint(path, weights_only=True)
+    assert again.config == m.config and again.optim_spec.lr == 3e-4
+    resumed = NoRun(args=["fit", *args, "--ckpt_path", str(path)]).model  # the checkpoint's lr, not tiny.yaml's
+    assert resumed.config == m.config and resumed.optim_spec.lr == 3e-4
