@@ -416,7 +416,7 @@ class MMMoEModule(pl.LightningModule):
         class in the chain (this one's included, defaults too, whichever ``__init__`` calls it),
         with ``backbone`` and ``optim`` as plain dicts. The base calls it, so subclasses need not.
         Built by LightningCLI, the module records the parsed config as Lightning does (with its
-        ``_class_path``, which ``--ckpt_path`` and ``load_from_checkpoint`` use)."""
+        ``_class_path``, which ``load_from_checkpoint`` uses)."""
         if args:
             return super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
         from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters

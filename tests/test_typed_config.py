@@ -19,7 +19,7 @@ import yaml
 from mmmoe.models import BackboneSpec, ModelConfig, MoESpec, create_model, get_config
 from mmmoe.moe import MoEConfig
 from tasks.base import MMMoEModule, OptimSpec, init_parameters, load_state_file, upgrade_hparams
-from tasks.fit_cli import main
+from tasks.fit_cli import MMMoECLI, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -240,7 +240,9 @@ def test_checkpoint_of_the_old_layout_still_loads(tmp_path):
 
 def test_cli_built_module_keeps_lightnings_records(tmp_path):
     """Built by LightningCLI, hparams are its config (with ``_class_path``): a checkpoint then
-    restores the module with ``load_from_checkpoint`` and the model config with ``--ckpt_path``."""
+    restores the module with ``load_from_checkpoint``. With ``--ckpt_path`` the module is built from
+    the config (the run's saved config.yaml; command-line overrides keep their meaning): the
+    checkpoint's hyperparameters are not merged over it, as stock LightningCLI does."""
     from tasks.pretrain import PretrainModule
 
     class NoRun(MMMoECLI):
@@ -260,5 +262,5 @@ def test_cli_built_module_keeps_lightnings_records(tmp_path):
     trainer.save_checkpoint(path)
     again = PretrainModule.load_from_checkpoint(path, weights_only=True)
     assert again.config == m.config and again.optim_spec.lr == 3e-4
-    resumed = NoRun(args=["fit", *args, "--ckpt_path", str(path)]).model  # the checkpoint's lr, not tiny.yaml's
-    assert resumed.config == m.config and resumed.optim_spec.lr == 3e-4
+    resumed = NoRun(args=["fit", *args, "--ckpt_path", str(path)]).model  # tiny.yaml's lr, not the checkpoint's
+    assert resumed.config == m.config and resumed.optim_spec.lr == 2e-3
