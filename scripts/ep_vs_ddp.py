@@ -31,25 +31,40 @@ from mmmoe.parallel import free_port  # noqa: E402
 
 from tasks.fit_cli import replace_in_config as swap  # noqa: E402
 
+PRETRAIN_SETS = ("pretrain-image-text", "pretrain-image", "pretrain-text-en", "pretrain-image-text-val")
 
 
+def tiny_pretrain_data(data: Path) -> None:
+    """A small built-in dataset (40 images, vocabulary 300) in ``data`` for the 2-process scripts."""
+    from tasks.fit_cli import prepare_builtin_data
 
+    wanted = {"tok": str(data / "tokenizer.model"),
+              "shards": [str(data / "shards" / f"{n}.manifest.json") for n in PRETRAIN_SETS]}
+    prepare_builtin_data(wanted, data, log=print, num_images=40, image_size=64, vocab_size=300)
+
+
+def small_config(data: Path, run_dir: Path, steps: int) -> dict:
+    """configs/pretrain/tiny.yaml on ``data`` with a 2-block model, batches of 8, ``steps`` steps,
+    the CSV logger only and no progress bar or model summary."""
+    cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
+    cfg = swap(swap(cfg, "data/synth", str(data)), "runs/pretrain-tiny", str(run_dir))
+    cfg["builtin_data"] = str(data)
+    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
+    t = cfg["trainer"]
+    t.update(max_steps=steps, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False)
+    t["logger"] = [lg for lg in t["logger"] if lg["class_path"].endswith("CSVLogger")]
+    return cfg
 
 
 def write_config(out: Path, data: Path, name: str, steps: int) -> Path:
-    cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
-    cfg = swap(swap(cfg, "data/synth", str(data)), "runs/pretrain-tiny", str(out / name))
-    cfg["builtin_data"] = str(data)
-    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg = small_config(data, out / name, steps)
     cfg["model"]["init_args"]["optim"].update(lr=3e-3, warmup_steps=5)
-    cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
     t = cfg["trainer"]
     # no validation in the 2-process runs: the small held-out set is one shard, which one rank would
     # not read (see configs/trainer/cpu-ep.yaml); the EP checkpoint is validated in one process below
-    t.update(max_steps=steps, val_check_interval=steps, limit_val_batches=0 if name != "eval" else 2, log_every_n_steps=1,
-             enable_progress_bar=False, enable_model_summary=False)
+    t.update(val_check_interval=steps, limit_val_batches=0 if name != "eval" else 2)
     t["callbacks"] = [c for c in t["callbacks"] if not c["class_path"].endswith("ProgressBar")]
-    t["logger"] = [lg for lg in t["logger"] if lg["class_path"].endswith("CSVLogger")]
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -89,12 +104,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "synth"
-    from tasks.fit_cli import prepare_builtin_data
-
-    wanted = {"tok": str(data / "tokenizer.model"),
-              "shards": [str(data / "shards" / f"{n}.manifest.json")
-                         for n in ("pretrain-image-text", "pretrain-image", "pretrain-text-en", "pretrain-image-text-val")]}
-    prepare_builtin_data(wanted, data, log=print, num_images=40, image_size=64, vocab_size=300)
+    tiny_pretrain_data(data)
     py = sys.executable
     ddp_frag = out / "ddp-cpu.yaml"
     ddp_frag.write_text(yaml.safe_dump(DDP_FRAGMENT))
@@ -109,7 +119,7 @@ def main() -> int:
         times[name] = run([py, "-m", "tasks.cli", "fit", "--config", str(cfg), "--config", str(frag)], 900)
     ep, ep_rows = losses(out / "ep")
     ddp, _ = losses(out / "ddp")
-    print(f"\nstep  train/loss EP-2        plain DDP          |diff|")
+    print("\nstep  train/loss EP-2        plain DDP          |diff|")
     worst = 0.0
     for step in sorted(set(ep) | set(ddp)):
         a, b = ep.get(step, float("nan")), ddp.get(step, float("nan"))
@@ -118,12 +128,10 @@ def main() -> int:
         print(f"{step:4d}  {a:.7f}  {b:.7f}  {d:.2e}")
     print(f"largest loss difference over {len(ep)} steps: {worst:.3g} (tolerance {args.tol:g}); "
           f"wall time EP {times['ep']:.0f} s, DDP {times['ddp']:.0f} s")
-    acts = [r for r in ep_rows if r.get("train/image-text/expert_activation")]
+    acts = [r for r in ep_rows if r.get("train/image_text/expert_activation")]
     if acts:
         print(f"group-wide expert activation logged by EP at step {acts[-1]['step']}: "
-              f"{float(acts[-1]['train/image-text/expert_activation']):.3f}")
-
-    import torch
+              f"{float(acts[-1]['train/image_text/expert_activation']):.3f}")
 
     from tasks.base import extract_state_dict, load_state_file
 

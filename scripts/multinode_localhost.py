@@ -30,24 +30,16 @@ sys.path.insert(0, str(REPO))
 from mmmoe.parallel import free_port  # noqa: E402
 
 
-
-
 def write_config(out: Path, data: Path, steps: int) -> Path:
-    from scripts.ep_vs_ddp import swap
+    from scripts.ep_vs_ddp import small_config
 
-    cfg = yaml.safe_load((REPO / "configs/pretrain/tiny.yaml").read_text())
-    cfg = swap(swap(cfg, "data/synth", str(data)), "runs/pretrain-tiny", str(out / "run"))
-    cfg["builtin_data"] = str(data)
-    cfg["model"]["init_args"]["backbone"]["depth"] = 2
+    cfg = small_config(data, out / "run", steps)
     cfg["model"]["init_args"]["optim"]["warmup_steps"] = 2
-    cfg["data"]["init_args"].update(batch_size=8, num_workers=0, epoch_samples=400, shuffle_buffer=50)
     t = cfg["trainer"]
-    t.update(max_steps=steps, limit_val_batches=0, log_every_n_steps=1, enable_progress_bar=False,
-             enable_model_summary=False)
+    t["limit_val_batches"] = 0
     # one checkpoint: last.ckpt at the end (no periodic save inside the run, no best-by-val)
     t["callbacks"] = [c for c in t["callbacks"]
                       if c["class_path"].endswith("ModelCheckpoint") and c["init_args"].get("every_n_train_steps")]
-    t["logger"] = [lg for lg in t["logger"] if lg["class_path"].endswith("CSVLogger")]
     path = out / "multinode.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -63,12 +55,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "synth"
-    from tasks.fit_cli import prepare_builtin_data
+    from scripts.ep_vs_ddp import tiny_pretrain_data
 
-    wanted = {"tok": str(data / "tokenizer.model"),
-              "shards": [str(data / "shards" / f"{n}.manifest.json")
-                         for n in ("pretrain-image-text", "pretrain-image", "pretrain-text-en", "pretrain-image-text-val")]}
-    prepare_builtin_data(wanted, data, log=print, num_images=40, image_size=64, vocab_size=300)
+    tiny_pretrain_data(data)
     cfg = write_config(out, data, args.steps)
     ckpt_dir = out / "run" / "checkpoints"
     for old in ckpt_dir.glob("*.ckpt"):
