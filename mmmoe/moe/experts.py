@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +173,19 @@ def _experts_reference_ops(s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, a
     return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
 
 
+def _backward_once(ctx: Any, dy_SD: Tensor, backward: Callable[[Any, Tensor], Any]) -> Any:
+    """The experts' backward, outside autocast, at most once per graph: the saved buffers are
+    reused in place, so a second pass (``retain_graph=True``) would read overwritten values."""
+    if ctx.consumed:
+        raise RuntimeError(
+            "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
+            "in place, so retain_graph=True double backward is not supported"
+        )
+    ctx.consumed = True
+    with torch.autocast(dy_SD.device.type, enabled=False):
+        return backward(ctx, dy_SD)
+
+
 class _FusedExperts(torch.autograd.Function):
     """y_S = sum over the sub-token's assignments A of gate_A * W2[e](act(W1[e] s_S)).
 
@@ -197,14 +210,7 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_SD):
-        if ctx.consumed:
-            raise RuntimeError(
-                "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
-                "in place, so retain_graph=True double backward is not supported"
-            )
-        ctx.consumed = True
-        with torch.autocast(dy_SD.device.type, enabled=False):
-            return _FusedExperts._backward(ctx, dy_SD)
+        return _backward_once(ctx, dy_SD, _FusedExperts._backward)
 
     @staticmethod
     def _backward(ctx, dy_SD):
@@ -317,14 +323,7 @@ class _BlockedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_SD):
-        if ctx.consumed:
-            raise RuntimeError(
-                "MH-MoE fused experts: backward ran twice through one graph; its buffers are reused "
-                "in place, so retain_graph=True double backward is not supported"
-            )
-        ctx.consumed = True
-        with torch.autocast(dy_SD.device.type, enabled=False):
-            return _BlockedExperts._backward(ctx, dy_SD)
+        return _backward_once(ctx, dy_SD, _BlockedExperts._backward)
 
     @staticmethod
     def _backward(ctx, dy_SD):
