@@ -534,7 +534,8 @@ def test_eval_split_leaves_no_rank_empty_and_reads_each_sample_once(monkeypatch,
             monkeypatch.setattr(W.shardlists, "node_info", lambda r=rank: (r, world))
             monkeypatch.setattr(W.shardlists, "worker_info", lambda w=worker: (w, 2))
             split = W.EvalNodeSplit()
-            mine = list(W.split_by_worker(split.shards(iter(range(num_shards)))))
+            # lazily chained, as in a pipeline: the shard stage runs only when samples are pulled
+            mine = W.split_by_worker(split.shards(iter(range(num_shards))))
             samples = (s for i in mine for s in shards[i])
             if worker == 0:
                 per_rank.append([])

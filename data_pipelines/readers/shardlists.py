@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import re
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -152,6 +152,9 @@ def split_by_node(src: Iterable[Any]) -> Iterator[Any]:
     yield from islice(src, rank, None, world_size)
 
 
+_NOTHING = object()
+
+
 class EvalNodeSplit:
     """Rank split of evaluation readers: by shard when every rank can get at least one shard, else
     by sample (every rank reads every shard and keeps every world_size-th sample), so no rank is
@@ -170,11 +173,18 @@ class EvalNodeSplit:
         yield from (shards if self.by_sample else shards[rank::world_size])
 
     def samples(self, src: Iterable[Any]) -> Iterator[Any]:
+        # pull the first sample before deciding: the stages are lazy, so only then has ``shards``
+        # run (in this worker's copy) and set ``by_sample``
+        it = iter(src)
+        first = next(it, _NOTHING)
+        if first is _NOTHING:
+            return
+        stream = chain((first,), it)
         if not self.by_sample:
-            yield from src
+            yield from stream
             return
         rank, world_size = node_info()
-        yield from islice(src, rank, None, world_size)
+        yield from islice(stream, rank, None, world_size)
 
 
 def split_by_worker(src: Iterable[Any]) -> Iterator[Any]:
