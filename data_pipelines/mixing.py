@@ -123,7 +123,10 @@ def mixed_pipeline(builder: Callable[..., readers.Pipeline], spec: Any, seed: in
         *stages, last = pipe.pipeline
         if getattr(last, "f", None) is not wds_filters._batched:
             raise TypeError(f"{getattr(builder, '__name__', builder)} does not end with wds.batched: cannot mix it")
-        streams[name] = wds.DataPipeline(*stages)
+        # a nested readers.Pipeline: set_epoch reaches the set's shard list and shuffle, and its
+        # decoders draw from generators seeded by (its seed, epoch, rank, worker)
+        streams[name] = readers.Pipeline(*stages, skips=skips, seed=pipe.seed, random_stages=pipe.random_stages,
+                                         nested=True)
         batcher = last
     resampled = bool(kwargs.get("resampled", False))
     batch_size = int(kwargs.get("batch_size", 32))

@@ -332,6 +332,8 @@ def packed_text_pipeline(
     sources: Dict[str, Any] = {}
     windows = not train and mlm_ratio is None
     for lang, urls in sources_by_lang.items():
+        # one seed per language (as readers.text_pipeline): two languages must not draw the same shards
+        lang_seed = readers.stream_seed("lang", seed, lang) if len(sources_by_lang) > 1 else seed
         if is_text_source(urls):
             if resampled:
                 raise ValueError(f"{urls!r}: resampled (multi-process) training reads WebDataset text shards; "
@@ -339,20 +341,23 @@ def packed_text_pipeline(
             start, stop = (doc_ranges or {}).get(lang, (0, None))
             head: List[Any] = [TextFileSource(urls, lang, doc_unit, text_field, start, stop, skips)]
             if train and shuffle_buffer > 0:
-                head.append(readers.SeededShuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed))
+                head.append(readers.SeededShuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=lang_seed))
             sizes[lang] = float(stop - start) if stop is not None else float(sum(f.stat().st_size for f in head[0].files) or 1)
         else:
-            head = readers.reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer, seed)
+            head = readers.reader_stages(urls, skips, ("txt", "json"), ("txt",), train, resampled, shuffle_buffer,
+                                         lang_seed)
             sizes[lang] = float(readers.manifest_total(urls) or len(readers.expand_urls(urls)))
         tail = (_stage(sliding_windows, context, stride, tokenizer.eos_id) if windows
                 else _stage(pack_sequences, context, last))
-        sources[lang] = wds.DataPipeline(*head, wds.map(DecodeDocument(tokenizer, lang), handler=skips), tail)
+        # a nested readers.Pipeline: set_epoch reaches its shard list and shuffle buffer
+        sources[lang] = readers.Pipeline(*head, wds.map(DecodeDocument(tokenizer, lang), handler=skips), tail,
+                                         skips=skips, nested=True)
     probs = readers.language_probs(weights, 1.0) if weights is not None else readers.language_probs(sizes, alpha)
     collate = PackedCollate(tokenizer, mlm_ratio=mlm_ratio)
     return readers.Pipeline(
         readers.WeightedMix(sources, probs, seed=seed),
         *readers.batch_stages(collate, batch_size, readers.epoch_batches(epoch_samples, batch_size, resampled)),
-        skips=skips,
+        skips=skips, seed=seed, random_stages=(collate,),
     )
 
 
