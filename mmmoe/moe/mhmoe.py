@@ -92,7 +92,8 @@ class MHMoE(nn.Module):
             x_TD = x_ND
         y_TD, out = self._forward_tokens(x_TD)
         if keep_N is not None:
-            y_ND = x_ND.new_zeros(x_ND.shape).index_put((keep_N.nonzero().squeeze(1),), y_TD)
+            # zeros in the output's dtype: under autocast the experts / merge layer answer in bf16
+            y_ND = y_TD.new_zeros(x_ND.shape).index_put((keep_N.nonzero().squeeze(1),), y_TD)
         else:
             y_ND = y_TD
         return y_ND.reshape(x_BLD.shape), out

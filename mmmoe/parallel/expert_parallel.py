@@ -42,7 +42,6 @@ untested).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -83,15 +82,18 @@ class ExpertParallelDispatcher:
         dev = idx_SK.device
         choice_SK = torch.arange(K, device=dev).unsqueeze(0).expand(S, K)
         n_KE = torch.bincount((choice_SK * E + idx_SK).reshape(-1), minlength=K * E).view(K, E)
-        # header (active, layer, dtype) + counts, padded to the model's largest K*E (see drain)
-        header = torch.tensor([1, self.index, _DTYPES.index(s_SDh.dtype)], device=dev)
-        msg = torch.cat([header, n_KE.reshape(-1), n_KE.new_zeros(self.message_size - 3 - K * E)])
+        # header (active, layer, dtype of the rows sent, dtype the experts compute in) + counts,
+        # padded to the model's largest K*E (see drain); the two dtypes differ under autocast when
+        # the rows are float32 (no head layer), and a serving rank must answer in the second
+        compute = self.layer.experts.compute_dtype(s_SDh)
+        header = torch.tensor([1, self.index, _DTYPES.index(s_SDh.dtype), _DTYPES.index(compute)], device=dev)
+        msg = torch.cat([header, n_KE.reshape(-1), n_KE.new_zeros(self.message_size - HEADER - K * E)])
         N_all = _all_gather_rows(msg, self.layout.ep_group, P).cpu()  # the host sync (split sizes)
         N_PKE = self._counts(N_all)
         y_SDh, num_dropped = self._exchange(N_PKE, n_KE, s_SDh, idx_SK, gates_SK)
         return y_SDh, n_KE.sum(0), num_dropped
 
-    message_size = 0  # set by parallelize_experts: 3 + the largest K*E of the model's layers
+    message_size = 0  # set by parallelize_experts: HEADER + the largest K*E of the model's layers
 
     def _counts(self, N_all: Tensor) -> Tensor:
         c = self.layer.config
@@ -102,7 +104,7 @@ class ExpertParallelDispatcher:
             raise RuntimeError(
                 f"expert-parallel ranks out of step: MoE layer {self.index} met layer(s) {layers} on other ranks "
                 "(every rank of a group must run the same MoE layers in the same order)")
-        return N_all[:, 3:3 + K * E].reshape(-1, K, E)
+        return N_all[:, HEADER:HEADER + K * E].reshape(-1, K, E)
 
     def _exchange(self, N_PKE: Tensor, n_KE: Tensor, s_SDh: Tensor, idx_SK: Tensor, gates_SK: Tensor):
         """Steps 2-4 of the module docstring, given every rank's counts (P x K x E, on the host)."""
@@ -140,14 +142,15 @@ class ExpertParallelDispatcher:
                 keep_A = offset_PKE[p].to(dev)[k_A, e_A] + rank_A < C
             order_A = order_A[keep_A]
         token_A = order_A % S if S > 0 else order_A
-        gate_A = gates_SK.t().reshape(-1)[order_A].to(s_SDh.dtype)
+        compute = self.layer.experts.compute_dtype(s_SDh)  # the dtype of the expert outputs (autocast)
+        gate_A = gates_SK.t().reshape(-1)[order_A].to(compute)
 
         kept_PPl = kept_PE.view(P, P, El)  # (source rank, owner rank, local expert)
         send = kept_PPl[p].sum(1).tolist()  # rows to each owner
         recv_PEl = kept_PPl[:, p]  # rows of each local expert from each source
         recv = recv_PEl.sum(1).tolist()
         if int(kept_PE.sum()) == 0:  # nothing moves anywhere in the group: every rank skips alike
-            y_SDh = s_SDh * 0
+            y_SDh = (s_SDh * 0).to(compute)
         else:
             x_AD = s_SDh[token_A]
             x_RD = all_to_all(x_AD, recv, send, lay.ep_group)
@@ -158,7 +161,7 @@ class ExpertParallelDispatcher:
             offs = counts_El.cumsum(0).to(device=dev, dtype=torch.int32)
             o_RD = self.layer.experts(x_RD, perm_R, ones_R, offs, counts_El.tolist())
             o_AD = all_to_all(o_RD, send, recv, lay.ep_group)
-            y_SDh = s_SDh.new_zeros(s_SDh.shape).index_add(0, token_A, o_AD * gate_A.unsqueeze(-1))
+            y_SDh = o_AD.new_zeros(s_SDh.shape).index_add(0, token_A, o_AD * gate_A.unsqueeze(-1))
         num_dropped_local = S * K - int(token_A.numel())
         total_S = int(N_PKE[:, 0].sum())
         self._group_stats = (routed_PE.sum(0), total_S, int(routed_PE.sum() - kept_PE.sum()))
@@ -171,11 +174,12 @@ class ExpertParallelDispatcher:
         ranks send, send it back, and join the statistics reduction."""
         c = self.layer.config
         w = self.layer.experts.w_in
-        dtype = _DTYPES[int(N_all[N_all[:, 0] == 1, 2][0])]
+        active = N_all[N_all[:, 0] == 1][0]
+        dtype, compute = _DTYPES[int(active[2])], _DTYPES[int(active[3])]
         N_PKE = self._counts(N_all)
         s = torch.empty(0, c.head_dim, device=w.device, dtype=dtype)
         idx = torch.empty(0, c.top_k, device=w.device, dtype=torch.long)
-        with torch.autocast(w.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
+        with torch.autocast(w.device.type, dtype=compute, enabled=compute in (torch.bfloat16, torch.float16)):
             self._exchange(N_PKE, torch.zeros(c.top_k, c.num_experts, dtype=torch.long, device=w.device),
                            s, idx, s.new_empty(0, c.top_k))
         self._group_stats = None
@@ -214,6 +218,7 @@ class ExpertParallelDispatcher:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+HEADER = 4  # active, layer, dtype of the rows, dtype of the expert compute
 
 
 @torch.no_grad()
@@ -264,7 +269,7 @@ def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity
     the optimiser and before wrapping in DDP. Returns ``model``."""
     P = layout.ep_size
     layers = list(_moe_layers(model))
-    message_size = 3 + max((m.config.top_k * m.config.num_experts for _, m in layers), default=0)
+    message_size = HEADER + max((m.config.top_k * m.config.num_experts for _, m in layers), default=0)
     for index, (name, layer) in enumerate(layers):
         if layer.dispatcher is not None:
             raise ValueError(f"MoE layer {name!r} is already expert-parallel")
