@@ -284,8 +284,6 @@ class PackedCollate(readers.Collate):
         batch = super().__call__(samples)
         if "lm_targets" in samples[0]:
             L = batch["text_ids"].shape[1]
-            import torch
-
             t = torch.full((len(samples), L), IGNORE_INDEX, dtype=torch.long)
             for i, s in enumerate(samples):
                 t[i, : len(s["lm_targets"])] = torch.as_tensor(s["lm_targets"], dtype=torch.long)

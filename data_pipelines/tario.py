@@ -111,8 +111,7 @@ def _read_member(f: BinaryIO, n: int) -> bytes:
     about its size cannot make us allocate more than the file holds."""
     if n <= _SKIP_CHUNK:
         data = _read_exact(f, n)
-    elif _remaining(f) is not None:  # a plain file: check its length, then one read, one buffer
-        left = _remaining(f)
+    elif (left := _remaining(f)) is not None:  # a plain file: check its length, then one read, one buffer
         if left < n:
             raise TarFormatError(f"file ends inside member data ({left} of {n} bytes)")
         data = _read_exact(f, n)

@@ -44,6 +44,7 @@ def moe_step(layer: MHMoE, x: torch.Tensor) -> None:
 
 
 def check_syncs_and_fast_path(d: int = 768) -> dict:
+    torch.manual_seed(0)  # the same weights and inputs (hence routing) every run
     layer = MHMoE(MoEConfig(d_model=d, num_experts=40, expert_hidden=768, top_k=2, num_heads=2)).cuda()
     x = torch.randn(8, 512, d, device="cuda")
     moe_step(layer, x)  # warm-up (kernel selection, allocator)
@@ -76,6 +77,7 @@ def check_syncs_and_fast_path(d: int = 768) -> dict:
 
 
 def pretrain_step_throughput(batch: int, steps: int, peak_tflops: float) -> dict:
+    torch.manual_seed(0)
     cfg = get_config("base", "mhmoe-h2")
     model = create_model("base", "mhmoe-h2").cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

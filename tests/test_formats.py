@@ -186,3 +186,11 @@ def test_malformed_nlvr2_file_names_file_and_line(tmp_path):
     data.write_text(json.dumps({"identifier": "dev-1-0-0", "label": "yes"}) + "\n")
     with pytest.raises(FormatError, match=r"record 1 \(dev-1-0-0\): expected 'True' or 'False'"):
         nlvr2.load_labels(data)
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A named pipe given as an annotation file would block a plain read forever."""
+    fifo = tmp_path / "annotations.json"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="not a regular file"):
+        io.read_json(fifo)

@@ -107,6 +107,8 @@ def source_name(obj: Any, role: str) -> str:
 def read_text(path: PathLike, what: str = "file") -> str:
     """Read a UTF-8 text file, turning OS and decoding problems into :class:`FormatError`."""
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO or device would block or never end
+        raise FormatError(f"{p}: not a regular file, expected a {what}")
     try:
         data = p.read_bytes()
     except FileNotFoundError:

@@ -343,7 +343,7 @@ class WeightedMix(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         rank, _ = shardlists.node_info()
         worker, _ = shardlists.worker_info()
-        rng = random.Random(None if self.seed is None else (self.seed, self.epoch, rank, worker).__repr__())
+        rng = random.Random(stream_seed("mix", self.seed or 0, self.epoch, rank, worker))
         self.epoch += 1
         live = {name: iter(src) for name, src in self.sources.items()}
         while live:

@@ -257,10 +257,6 @@ def _moe_layers(model: nn.Module) -> Iterable[Tuple[str, MHMoE]]:
             yield name, m
 
 
-def is_expert_parallel(model: nn.Module) -> bool:
-    return any(m.dispatcher is not None for _, m in _moe_layers(model))
-
-
 def parallelize_experts(model: nn.Module, layout: ExpertParallelLayout, capacity_scope: str = "group") -> nn.Module:
     """Shard the experts of every MHMoE in ``model`` (in place) over ``layout``'s expert-parallel
     group: rank p keeps experts [p E/P, (p+1) E/P) (a new ``GroupedExperts`` holding that slice;

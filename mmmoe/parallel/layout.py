@@ -11,7 +11,7 @@ GPUs per node the all-to-all stays on the node's fast interconnect.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch.distributed as dist
 
@@ -56,10 +56,6 @@ class ExpertParallelLayout:
                 if rank in ranks:
                     replica_group = pg
         return cls(P, rank % P, ep_group, W // P, replica_group, W, ep_ranks)
-
-    @property
-    def replica_rank(self) -> int:
-        return self.ep_ranks[0] // self.ep_size if self.ep_ranks else 0
 
     def describe(self) -> str:
         return (f"expert parallel {self.ep_size} x data-parallel replicas {self.replica_size} "
