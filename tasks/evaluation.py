@@ -49,15 +49,16 @@ def _world(module: pl.LightningModule) -> int:
 
 def gather_json(obj: Any, module: pl.LightningModule) -> List[Any]:
     """``obj`` (JSON-able) of every rank, in rank order; ``[obj]`` on one process. The objects
-    travel as UTF-8 JSON in uint8 tensors (``LightningModule.all_gather``): nothing is unpickled."""
+    travel as UTF-8 JSON in uint8 tensors (the uneven all-gather of ``tasks.contrastive``):
+    nothing is unpickled."""
     if _world(module) <= 1:
         return [obj]
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
-    sizes = module.all_gather(torch.tensor([data.numel()], device=module.device)).reshape(-1).tolist()
-    padded = torch.zeros(max(sizes), dtype=torch.uint8)
-    padded[: data.numel()] = data
-    parts = module.all_gather(padded.to(module.device)).reshape(len(sizes), -1).cpu()
-    return [json.loads(parts[r, :n].numpy().tobytes().decode("utf-8")) for r, n in enumerate(sizes)]
+    from tasks.contrastive import all_gather_no_grad, gathered_sizes
+
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8).to(module.device)
+    sizes = gathered_sizes(data.numel(), module.device)
+    rows = all_gather_no_grad(data, sizes).cpu().split(sizes)  # every rank's bytes, in rank order
+    return [json.loads(r.numpy().tobytes().decode("utf-8")) for r in rows]
 
 
 def broadcast_json(obj: Any, module: pl.LightningModule) -> Any:
