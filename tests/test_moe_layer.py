@@ -265,15 +265,18 @@ def _step(m, x, impl):
     return [y, x.grad] + [p.grad for p in m.parameters()]
 
 
+@pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("block_bytes", [None, 1, 16000])
 @pytest.mark.parametrize("case", ["h1-swiglu", "h4-gelu", "capacity", "unused-expert", "bf16-autocast", "float32"])
-def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, monkeypatch):
+def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, recompute, monkeypatch):
     """The CPU path (expert blocks, reused buffers) computes what the grouped path computes, in the
     same order: outputs and every gradient are bitwise equal (so the choice is invisible to
     training and determinism), with all experts in one block (the default at these sizes), one
-    expert per block (1 byte) and a few experts per block (16000 bytes)."""
+    expert per block (1 byte) and a few experts per block (16000 bytes), with the first matmul
+    recomputed in backward or stored."""
     if block_bytes is not None:
         monkeypatch.setattr(experts_mod, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(experts_mod, "RECOMPUTE_MAX_WIDTH", 10**9 if recompute else 0)
     dtype = torch.float32 if case in ("bf16-autocast", "float32") else torch.float64
     kw = dict(d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
     kw.update({"h1-swiglu": dict(num_heads=1, top_k=1), "h4-gelu": dict(num_heads=4, activation="gelu"),
@@ -297,6 +300,33 @@ def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, monkeyp
         assert (g is None) == (w is None)
         if g is not None:
             assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_blocked_path_stores_first_matmul_only_for_wide_subtokens(recompute, monkeypatch):
+    """Narrow sub-tokens: nothing of the first matmul's size (A x 2F) is saved for backward, only
+    the expert outputs (A x D in blocks); wide ones store it. No-grad forwards save nothing."""
+    monkeypatch.setattr(experts_mod, "RECOMPUTE_MAX_WIDTH", 10**9 if recompute else 0)
+    monkeypatch.setattr(experts_mod, "BLOCK_BYTES", 16000)
+    m = make(torch.float32, d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
+    m.experts.impl = "blocked"
+    x = torch.randn(4, 13, 32)
+    y, out = m(x)
+    node, seen = None, [y.grad_fn]
+    while seen and node is None:  # find the experts' autograd node
+        f = seen.pop()
+        if type(f).__name__ == "_BlockedExpertsBackward":
+            node = f
+        seen.extend(g for g, _ in f.next_functions if g is not None)
+    shapes = [tuple(t.shape) for t in node.saved_tensors]
+    A = 4 * 13 * 2 * 2  # sub-tokens x top-k, dropless
+    assert ((A, 32) in shapes) is not recompute  # h: A x 2F (swiglu, F = 16)
+    assert sum(n for n, w in shapes[5 + (not recompute):]) == A  # the expert outputs, in blocks
+    assert all(w == 16 for n, w in shapes[5 + (not recompute):]) and len(shapes) > 6 + (not recompute)
+    y.square().mean().backward()
+    with torch.no_grad():
+        y2, _ = m(x)
+    assert torch.equal(y2, y.detach())
 
 
 def test_expert_blocks_cover_every_row_once():

@@ -19,13 +19,14 @@ the cast in float32), the sub-tokens are cast too, and both grouped matmuls see 
 fast kernel runs. With bf16 weights (``bf16-true``) nothing is cast.
 
 Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
-gate -> scatter-add): it saves the sub-tokens, the first matmul's output and the expert outputs,
+gate -> scatter-add). It comes in two implementations of the same function, chosen by
+``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and ``torch._grouped_mm``, no host
+sync: the accelerator path) saves the sub-tokens, the first matmul's output and the expert outputs
 and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
-stored twice and the gathered A x D copy is not stored at all. It comes in two implementations of
-the same function, chosen by ``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and
-``torch._grouped_mm``, no host sync: the accelerator path) and ``_BlockedExperts`` (expert by
-expert through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
-faults and the A x 2F elementwise passes, not the matmuls, dominated). Both give bitwise equal
+stored twice and the gathered A x D copy is not stored at all; ``_BlockedExperts`` (blocks of
+experts through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
+faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores only the
+expert outputs and recomputes the first matmul block by block in backward. Both give bitwise equal
 outputs and gradients.
 """
 
@@ -261,6 +262,15 @@ machine), small enough that the buffers stay below glibc's 32 MiB mmap threshold
 no page faults) and mostly in cache."""
 
 
+RECOMPUTE_MAX_WIDTH = 192
+"""``_BlockedExperts`` recomputes the first matmul in backward instead of storing it when the
+sub-token width (its inner dimension D) is at most this. The recomputation costs D x 2F
+multiply-adds per row, storing costs a fixed price per stored element (page faults, DRAM passes),
+so narrow sub-tokens (MH-MoE with many heads) gain and wide ones lose: measured with
+``scripts/benchmark_moe.py`` on a 2-core AVX-512 machine, d 512 / 8192 tokens, h=4 (D 128) was
+13% faster with recomputation, h=2 (D 256) 2% slower, h=1 (D 512) 8% slower."""
+
+
 def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
     """Groups consecutive experts into row blocks: (block start, block end, [(expert, start, end)])
     in assignment rows; experts without rows are left out, one expert is never split."""
@@ -278,47 +288,71 @@ def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, Li
     return blocks
 
 
+def _first_matmul(s_SD: Tensor, tok: Tensor, w_in: Tensor, parts, lo: int, x_buf: Tensor, h_buf: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gathers one block's sub-tokens into ``x_buf`` and multiplies each expert's rows by its
+    ``w_in`` into ``h_buf``: (x block, h block), views of the two buffers."""
+    m = tok.shape[0]
+    x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+    h_b = h_buf[:m]
+    for e, a, b in parts:
+        torch.mm(x_b[a - lo:b - lo], w_in[e], out=h_b[a - lo:b - lo])
+    return x_b, h_b
+
+
 class _BlockedExperts(torch.autograd.Function):
     """The same function as :class:`_FusedExperts`, computed block by block of experts: the CPU
     path.
 
-    On CPU every fresh tensor of tens of MB costs page faults on first touch (glibc returns large
-    blocks to the OS on free), which made the A x 2F elementwise passes and the gathers, not the
-    matmuls, the slow part of the layer. Here only the tensors that outlive one block are full size
-    (the first matmul's output h and the expert outputs o, both saved; the result and the
-    gradients); the gathered rows, the activation, the gradients of h and of the expert input live
-    in buffers of one block (:data:`BLOCK_BYTES`) reused by every block, and stay in cache between
-    the matmul that writes them and the elementwise pass that reads them. Matmuls are
-    ``torch.mm(out=)`` per expert, which is what ``torch._grouped_mm`` does on CPU, so any dtype and
-    width runs (no fallback). Needs the rows per expert as a Python list (derived from ``offs_E``: a
-    sync, free on CPU). Every sum accumulates in the order of ``_FusedExperts`` (assignments in
-    expert order), so results are bitwise those of the grouped path and deterministic run to run.
+    On CPU the layer's cost beyond its matmuls was memory: every fresh tensor of tens of MB costs
+    page faults on first touch (glibc returns large blocks to the OS on free), and the A x 2F
+    elementwise passes ran at DRAM speed over the full-size first-matmul output. Here forward
+    computes the first matmul block by block (:data:`BLOCK_BYTES`), applies the activation and the
+    second matmul while the block is in cache, and keeps the expert outputs (A x D, one tensor per
+    block: each small enough to come from reused heap pages) for the gate gradient. For narrow
+    sub-tokens (width <= :data:`RECOMPUTE_MAX_WIDTH`) the first matmul's output is not stored at all:
+    backward recomputes it block by block into a reused buffer (for those widths, cheaper than
+    storing it) and every elementwise pass runs on cache-resident buffers; this also removes the
+    largest activation of the layer (A x 2F). Wider sub-tokens store it full size.
+
+    Matmuls are ``torch.mm(out=)`` per expert, which is what ``torch._grouped_mm`` does on CPU, so
+    any dtype and width runs (no fallback). Needs the rows per expert as a Python list (derived from
+    ``offs_E``: a sync, free on CPU). Recomputed rows are the same ``torch.mm`` calls on the same
+    operands as in forward, and every sum accumulates in the order of ``_FusedExperts`` (assignments
+    in expert order), so outputs and gradients are bitwise those of the grouped path and
+    deterministic run to run.
     """
 
     @staticmethod
     def forward(ctx, s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
         with torch.autocast(s_SD.device.type, enabled=False):
             counts = counts if counts is not None else counts_from_offsets(offs_E)
-            A, D = token_A.shape[0], s_SD.shape[1]
-            h = s_SD.new_empty(A, w_in.shape[2])
-            o = s_SD.new_empty(A, D)
+            D, H = s_SD.shape[1], w_in.shape[2]
+            training = any(ctx.needs_input_grad)
+            recompute = D <= RECOMPUTE_MAX_WIDTH
             y_SD = s_SD.new_zeros(s_SD.shape)
-            blocks = _expert_blocks(counts, h.shape[1] * h.element_size())
+            blocks = _expert_blocks(counts, H * s_SD.element_size())
             m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
             x_buf = s_SD.new_empty(m_max, D)
+            # the first matmul's output: one block's buffer, or (stored for backward) full size
+            h = s_SD.new_empty(token_A.shape[0], H) if training and not recompute else None
+            h_buf = s_SD.new_empty(m_max, H) if h is None else None
             p_buf = s_SD.new_empty(m_max, w_out.shape[1])
-            gate = gate_A.to(o.dtype).unsqueeze(-1)
+            o_buf = None if training else s_SD.new_empty(m_max, D)
+            gate = gate_A.to(s_SD.dtype).unsqueeze(-1)
+            outputs = []  # expert outputs per block, saved for the gate gradient
             for lo, hi, parts in blocks:
                 m, tok = hi - lo, token_A[lo:hi]
-                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                _, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf if h is None else h[lo:])
+                p_b = _act_into(h_b, activation, p_buf[:m])
+                o_b = s_SD.new_empty(m, D) if training else o_buf[:m]
                 for e, a, b in parts:
-                    torch.mm(x_b[a - lo:b - lo], w_in[e], out=h[a:b])
-                p_b = _act_into(h[lo:hi], activation, p_buf[:m])
-                for e, a, b in parts:
-                    torch.mm(p_b[a - lo:b - lo], w_out[e], out=o[a:b])
-                y_SD.index_add_(0, tok, torch.mul(o[lo:hi], gate[lo:hi], out=x_buf[:m]))
-        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, h, o)
-        ctx.blocks, ctx.activation, ctx.consumed = blocks, activation, False
+                    torch.mm(p_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
+                if training:
+                    outputs.append(o_b)
+                y_SD.index_add_(0, tok, torch.mul(o_b, gate[lo:hi], out=x_buf[:m]))
+        stored = () if h is None else (h,)
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, *stored, *outputs)
+        ctx.blocks, ctx.activation, ctx.consumed, ctx.stored_h = blocks, activation, False, h is not None
         return y_SD
 
     @staticmethod
@@ -327,28 +361,35 @@ class _BlockedExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy_SD):
-        s_SD, token_A, gate_A, w_in, w_out, h, o = ctx.saved_tensors
+        s_SD, token_A, gate_A, w_in, w_out, *outputs = ctx.saved_tensors
+        h = outputs.pop(0) if ctx.stored_h else None
         blocks, activation = ctx.blocks, ctx.activation
         need_s, need_gate, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
-        dy_SD = dy_SD.to(o.dtype).contiguous()
-        D, Fh = o.shape[1], w_out.shape[1]
-        acc = torch.promote_types(o.dtype, torch.float32)  # the gate gradient feeds the float32 router
+        dt = s_SD.dtype
+        dy_SD = dy_SD.to(dt)
+        D, Fh, H = s_SD.shape[1], w_out.shape[1], w_in.shape[2]
+        acc = torch.promote_types(dt, torch.float32)  # the gate gradient feeds the float32 router
         ds = torch.zeros_like(s_SD) if need_s else None
         dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
         dw_in = torch.zeros_like(w_in) if need_in else None  # experts without rows keep zeros
         dw_out = torch.zeros_like(w_out) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
-        d_buf = o.new_empty(m_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
-        x_buf = o.new_empty(m_max, D)
-        a_buf = o.new_empty(m_max, Fh)  # swiglu: silu(a)
-        p_buf = o.new_empty(m_max, Fh)  # activation output -> its gradient
-        dh_buf = o.new_empty(m_max, h.shape[1]) if activation == "swiglu" else None  # [d a | d b]
-        gate = gate_A.to(o.dtype).unsqueeze(-1)
-        for lo, hi, parts in blocks:
-            m, tok, h_b = hi - lo, token_A[lo:hi], h[lo:hi]
+        d_buf = s_SD.new_empty(m_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
+        x_buf = s_SD.new_empty(m_max, D)
+        # the first matmul's output (recomputed into h_buf, or the stored h) becomes its own gradient
+        h_buf = s_SD.new_empty(m_max, H) if h is None else None
+        a_buf = s_SD.new_empty(m_max, Fh) if activation == "swiglu" else None  # silu(a)
+        p_buf = s_SD.new_empty(m_max, Fh)  # activation output -> its gradient
+        gate = gate_A.to(dt).unsqueeze(-1)
+        for (lo, hi, parts), o_b in zip(blocks, outputs):
+            m, tok = hi - lo, token_A[lo:hi]
+            if h is None:
+                x_b, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf)
+            else:
+                x_b, h_b = None, h[lo:hi]
             dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
             if need_gate:
-                dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o[lo:hi].to(acc)).to(dgate.dtype)
+                dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
             do_b = dy_b.mul_(gate[lo:hi])
             if activation == "swiglu":
                 a, b = h_b.chunk(2, dim=-1)
@@ -357,25 +398,27 @@ class _BlockedExperts(torch.autograd.Function):
                     p_b = torch.mul(act, b, out=p_buf[:m])
                     for e, i, j in parts:
                         torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                for e, i, j in parts:
-                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
                 dp = p_buf[:m]
-                dh_b = dh_buf[:m]
-                da, db = dh_b.chunk(2, dim=-1)
-                torch.mul(dp, act, out=db)
-                b.mul_(dp)  # b := dp * b, the gradient reaching silu(a) (h is not read again)
-                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=da)
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient reaching
+                # silu(a)), a := silu'(a) * that, b := dp * silu(a)
+                b.mul_(dp)
+                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
+                torch.mul(dp, act, out=b)
             else:
                 if need_out:
                     p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
                     for e, i, j in parts:
                         torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                dp = p_buf[:m]
                 for e, i, j in parts:
-                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=p_buf[i - lo:j - lo])
-                torch.ops.aten.gelu_backward.grad_input(p_buf[:m], h_b, approximate="none", grad_input=h_b)
-                dh_b = h_b  # h's block now holds its own gradient
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
+            dh_b = h_b
             if need_in:
-                x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                if x_b is None:
+                    x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
                 for e, i, j in parts:
                     torch.mm(x_b[i - lo:j - lo].t(), dh_b[i - lo:j - lo], out=dw_in[e])
             if need_s:
