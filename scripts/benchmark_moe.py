@@ -19,7 +19,14 @@ Memory: "saved" is the bytes autograd keeps for backward (distinct storages, par
 excluded), from saved-tensor hooks; "peak" is the peak of memory allocated during one step beyond
 what existed before it (parameter gradients included in "before" on CPU): the CUDA allocator's
 peak, or on CPU the peak of live tensor storages created by the step's ops (tracked in a dispatch
-mode; RSS is too noisy on a shared machine to compare variants).
+mode; RSS is too noisy on a shared machine to compare variants). The CPU experts path keeps its
+scratch buffers (a few times BLOCK_BYTES) between steps, so they exist before the step and are not
+in its peak.
+Page faults: with glibc's default malloc, a fresh tensor above 32 MiB is mmapped and its pages
+faulted in on first touch, every step; the dense FFN pays this on its large activations, the CPU
+experts path mostly avoids it. An allocator that keeps freed memory (e.g. MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=<large>, or jemalloc/tcmalloc) speeds up both and changes the ratios; run
+both ways when comparing across machines.
 "time/MAC x" divides the time ratio by the MAC ratio: the cost per multiply-add against dense.
 
 Example (the issue's setting):

@@ -329,6 +329,33 @@ def test_blocked_path_stores_first_matmul_only_for_wide_subtokens(recompute, mon
     assert torch.equal(y2, y.detach())
 
 
+def test_blocked_scratch_is_reused_disjoint_and_private_to_a_nested_call():
+    """The blocked path's scratch buffers come from one per-thread buffer reused by the next call
+    (no fresh pages per step); the views of one call do not overlap, and a call made while the
+    buffer is in use gets a buffer of its own."""
+    ref = torch.zeros(1)
+    experts_mod.release_workspace()
+    with experts_mod._scratch(ref, 4, (3, 0, 5)) as (a, none, b):
+        assert none is None and a.shape == (4, 3) and b.shape == (4, 5)
+        ptr = a.untyped_storage().data_ptr()
+        assert b.untyped_storage().data_ptr() == ptr  # one flat buffer
+        a.fill_(1.0)
+        b.fill_(2.0)
+        assert torch.all(a == 1.0) and a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0
+        with experts_mod._scratch(ref, 4, (3,)) as (c,):
+            assert c.untyped_storage().data_ptr() != ptr
+            c.fill_(3.0)
+        assert torch.all(a == 1.0) and torch.all(b == 2.0)
+    with experts_mod._scratch(ref, 2, (3,)) as (d,):
+        assert d.untyped_storage().data_ptr() == ptr  # the larger buffer was kept and is reused
+    with experts_mod._scratch(ref, 100, (3,)) as (e,):
+        assert e.untyped_storage().nbytes() >= 300 * 4  # too small: replaced by a larger one
+    assert experts_mod._WORKSPACE.pool[(ref.device, ref.dtype)].numel() >= 300
+    experts_mod.release_workspace()
+    with experts_mod._scratch(ref, 2, (3,)) as (f,):
+        assert f.shape == (2, 3)
+
+
 def test_expert_blocks_cover_every_row_once():
     blocks = experts_mod._expert_blocks([3, 0, 5, 2, 0, 4, 0], row_bytes=experts_mod.BLOCK_BYTES // 6)
     assert blocks == [(0, 8, [(0, 0, 3), (2, 3, 8)]), (8, 14, [(3, 8, 10), (5, 10, 14)])]

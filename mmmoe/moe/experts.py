@@ -32,9 +32,11 @@ outputs and gradients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Callable, List, Optional, Tuple
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +290,45 @@ def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, Li
     return blocks
 
 
+_WORKSPACE = threading.local()
+
+
+@contextlib.contextmanager
+def _scratch(ref: Tensor, rows: int, widths: Sequence[int]) -> Iterator[List[Optional[Tensor]]]:
+    """Scratch buffers (``rows`` x each width; ``None`` for width 0) of one blocked forward or
+    backward, carved from one flat buffer kept per thread, device and dtype and reused by every
+    call: fresh buffers of several MB cost page faults on every call (the allocator returns them to
+    the OS on free). Only temporaries live here, never a saved or returned tensor. The buffer is
+    taken out of the pool while in use, so a nested call allocates its own. Retained memory is the
+    largest set of buffers one call needed (a few :data:`BLOCK_BYTES`); ``release_workspace()``
+    frees it."""
+    align = max(1, 64 // ref.element_size())  # 64-byte aligned starts
+    sizes = [-(-rows * w // align) * align for w in widths]
+    pool = _WORKSPACE.__dict__.setdefault("pool", {})
+    key = (ref.device, ref.dtype)
+    buf = pool.pop(key, None)
+    if buf is None or buf.numel() < sum(sizes):
+        buf = None  # the smaller one is freed before the larger one is allocated
+        buf = ref.new_empty(sum(sizes))
+    views, off = [], 0
+    for w, n in zip(widths, sizes):
+        views.append(buf[off:off + rows * w].view(rows, w) if w else None)
+        off += n
+    try:
+        yield views
+    finally:
+        del views
+        kept = pool.get(key)
+        if kept is None or kept.numel() < buf.numel():
+            pool[key] = buf
+
+
+def release_workspace() -> None:
+    """Frees this thread's scratch buffers of the blocked CPU experts path (they are otherwise kept
+    for the next call)."""
+    _WORKSPACE.__dict__.pop("pool", None)
+
+
 def _first_matmul(s_SD: Tensor, tok: Tensor, w_in: Tensor, parts, lo: int, x_buf: Tensor, h_buf: Tensor) -> Tuple[Tensor, Tensor]:
     """Gathers one block's sub-tokens into ``x_buf`` and multiplies each expert's rows by its
     ``w_in`` into ``h_buf``: (x block, h block), views of the two buffers."""
@@ -332,24 +373,22 @@ class _BlockedExperts(torch.autograd.Function):
             y_SD = s_SD.new_zeros(s_SD.shape)
             blocks = _expert_blocks(counts, H * s_SD.element_size())
             m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
-            x_buf = s_SD.new_empty(m_max, D)
-            # the first matmul's output: one block's buffer, or (stored for backward) full size
+            # the first matmul's output: one block's scratch buffer, or (stored for backward) full size
             h = s_SD.new_empty(token_A.shape[0], H) if training and not recompute else None
-            h_buf = s_SD.new_empty(m_max, H) if h is None else None
-            p_buf = s_SD.new_empty(m_max, w_out.shape[1])
-            o_buf = None if training else s_SD.new_empty(m_max, D)
             gate = gate_A.to(s_SD.dtype).unsqueeze(-1)
             outputs = []  # expert outputs per block, saved for the gate gradient
-            for lo, hi, parts in blocks:
-                m, tok = hi - lo, token_A[lo:hi]
-                _, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf if h is None else h[lo:])
-                p_b = _act_into(h_b, activation, p_buf[:m])
-                o_b = s_SD.new_empty(m, D) if training else o_buf[:m]
-                for e, a, b in parts:
-                    torch.mm(p_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
-                if training:
-                    outputs.append(o_b)
-                y_SD.index_add_(0, tok, torch.mul(o_b, gate[lo:hi], out=x_buf[:m]))
+            widths = (D, H if h is None else 0, w_out.shape[1], 0 if training else D)
+            with _scratch(s_SD, m_max, widths) as (x_buf, h_buf, p_buf, o_buf):
+                for lo, hi, parts in blocks:
+                    m, tok = hi - lo, token_A[lo:hi]
+                    _, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf if h is None else h[lo:])
+                    p_b = _act_into(h_b, activation, p_buf[:m])
+                    o_b = s_SD.new_empty(m, D) if training else o_buf[:m]
+                    for e, a, b in parts:
+                        torch.mm(p_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
+                    if training:
+                        outputs.append(o_b)
+                    y_SD.index_add_(0, tok, torch.mul(o_b, gate[lo:hi], out=x_buf[:m]))
         stored = () if h is None else (h,)
         ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, *stored, *outputs)
         ctx.blocks, ctx.activation, ctx.consumed, ctx.stored_h = blocks, activation, False, h is not None
@@ -374,57 +413,56 @@ class _BlockedExperts(torch.autograd.Function):
         dw_in = torch.zeros_like(w_in) if need_in else None  # experts without rows keep zeros
         dw_out = torch.zeros_like(w_out) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
-        d_buf = s_SD.new_empty(m_max, D)  # dy rows -> their gate-weighted gradient -> input gradient
-        x_buf = s_SD.new_empty(m_max, D)
-        # the first matmul's output (recomputed into h_buf, or the stored h) becomes its own gradient
-        h_buf = s_SD.new_empty(m_max, H) if h is None else None
-        a_buf = s_SD.new_empty(m_max, Fh) if activation == "swiglu" else None  # silu(a)
-        p_buf = s_SD.new_empty(m_max, Fh)  # activation output -> its gradient
         gate = gate_A.to(dt).unsqueeze(-1)
-        for (lo, hi, parts), o_b in zip(blocks, outputs):
-            m, tok = hi - lo, token_A[lo:hi]
-            if h is None:
-                x_b, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf)
-            else:
-                x_b, h_b = None, h[lo:hi]
-            dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
-            if need_gate:
-                dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
-            do_b = dy_b.mul_(gate[lo:hi])
-            if activation == "swiglu":
-                a, b = h_b.chunk(2, dim=-1)
-                act = torch.ops.aten.silu.out(a, out=a_buf[:m])
-                if need_out:
-                    p_b = torch.mul(act, b, out=p_buf[:m])
+        # scratch: d_buf dy rows -> their gate-weighted gradient -> input gradient; h_buf the
+        # recomputed first matmul (unless stored) -> its own gradient; a_buf silu(a) (swiglu);
+        # p_buf the activation output -> its gradient
+        widths = (D, D, H if h is None else 0, Fh if activation == "swiglu" else 0, Fh)
+        with _scratch(s_SD, m_max, widths) as (d_buf, x_buf, h_buf, a_buf, p_buf):
+            for (lo, hi, parts), o_b in zip(blocks, outputs):
+                m, tok = hi - lo, token_A[lo:hi]
+                if h is None:
+                    x_b, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf)
+                else:
+                    x_b, h_b = None, h[lo:hi]
+                dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
+                if need_gate:
+                    dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
+                do_b = dy_b.mul_(gate[lo:hi])
+                if activation == "swiglu":
+                    a, b = h_b.chunk(2, dim=-1)
+                    act = torch.ops.aten.silu.out(a, out=a_buf[:m])
+                    if need_out:
+                        p_b = torch.mul(act, b, out=p_buf[:m])
+                        for e, i, j in parts:
+                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                    dp = p_buf[:m]
                     for e, i, j in parts:
-                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                dp = p_buf[:m]
-                for e, i, j in parts:
-                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
-                # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient reaching
-                # silu(a)), a := silu'(a) * that, b := dp * silu(a)
-                b.mul_(dp)
-                torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
-                torch.mul(dp, act, out=b)
-            else:
-                if need_out:
-                    p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
+                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient reaching
+                    # silu(a)), a := silu'(a) * that, b := dp * silu(a)
+                    b.mul_(dp)
+                    torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
+                    torch.mul(dp, act, out=b)
+                else:
+                    if need_out:
+                        p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
+                        for e, i, j in parts:
+                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                    dp = p_buf[:m]
                     for e, i, j in parts:
-                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                dp = p_buf[:m]
-                for e, i, j in parts:
-                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
-                torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
-            dh_b = h_b
-            if need_in:
-                if x_b is None:
-                    x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
-                for e, i, j in parts:
-                    torch.mm(x_b[i - lo:j - lo].t(), dh_b[i - lo:j - lo], out=dw_in[e])
-            if need_s:
-                for e, i, j in parts:
-                    torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
-                ds.index_add_(0, tok, d_buf[:m])
+                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
+                dh_b = h_b
+                if need_in:
+                    if x_b is None:
+                        x_b = torch.index_select(s_SD, 0, tok, out=x_buf[:m])
+                    for e, i, j in parts:
+                        torch.mm(x_b[i - lo:j - lo].t(), dh_b[i - lo:j - lo], out=dw_in[e])
+                if need_s:
+                    for e, i, j in parts:
+                        torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
+                    ds.index_add_(0, tok, d_buf[:m])
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
