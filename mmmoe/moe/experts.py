@@ -25,9 +25,9 @@ sync: the accelerator path) saves the sub-tokens, the first matmul's output and 
 and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
 stored twice and the gathered A x D copy is not stored at all; ``_BlockedExperts`` (blocks of
 experts through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
-faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores only the
-expert outputs and recomputes the first matmul block by block in backward. Both give bitwise equal
-outputs and gradients.
+faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores the expert
+outputs and, for narrow sub-tokens, recomputes the first matmul block by block in backward instead
+of storing it. Both give bitwise equal outputs and gradients.
 """
 
 from __future__ import annotations
@@ -410,8 +410,10 @@ class _BlockedExperts(torch.autograd.Function):
         acc = torch.promote_types(dt, torch.float32)  # the gate gradient feeds the float32 router
         ds = torch.zeros_like(s_SD) if need_s else None
         dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
-        dw_in = torch.zeros_like(w_in) if need_in else None  # experts without rows keep zeros
-        dw_out = torch.zeros_like(w_out) if need_out else None
+        # every expert with rows writes its whole weight gradient; only the others are zeroed
+        idle = sorted(set(range(w_in.shape[0])) - {e for _, _, parts in blocks for e, _, _ in parts})
+        dw_in = _empty_but_zero(w_in, idle) if need_in else None
+        dw_out = _empty_but_zero(w_out, idle) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
         gate = gate_A.to(dt).unsqueeze(-1)
         # scratch: d_buf dy rows -> their gate-weighted gradient -> input gradient; h_buf the
@@ -464,6 +466,16 @@ class _BlockedExperts(torch.autograd.Function):
                         torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
                     ds.index_add_(0, tok, d_buf[:m])
         return ds, None, dgate, dw_in, dw_out, None, None, None
+
+
+def _empty_but_zero(w_EXY: Tensor, experts: List[int]) -> Tensor:
+    """An uninitialised tensor like ``w_EXY`` whose slices ``experts`` are zero."""
+    out = torch.empty_like(w_EXY)
+    if len(experts) == w_EXY.shape[0]:
+        return out.zero_()
+    for e in experts:
+        out[e].zero_()
+    return out
 
 
 def _act_into(h_AH: Tensor, activation: str, out: Tensor) -> Tensor:
