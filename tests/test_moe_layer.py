@@ -356,6 +356,22 @@ def test_blocked_scratch_is_reused_disjoint_and_private_to_a_nested_call():
         assert f.shape == (2, 3)
 
 
+def test_blocked_training_step_after_an_inference_mode_forward():
+    """An evaluation under torch.inference_mode (Lightning's sanity check runs first) creates the
+    scratch buffer; the training step after it writes into the same buffer and must not fail on
+    an inference tensor."""
+    experts_mod.release_workspace()
+    m = make(torch.float32, d_model=32, num_experts=4, expert_hidden=16, num_heads=2, top_k=2)
+    m.experts.impl = "blocked"
+    x = torch.randn(64, 32)
+    with torch.inference_mode():
+        want, _ = m(x[:16])
+    y, out = m(x[:16])
+    (y.square().mean() + out.loss).backward()
+    assert torch.equal(y.detach(), want)
+    assert m.experts.w_in.grad.abs().sum() > 0
+
+
 def test_expert_blocks_cover_every_row_once():
     blocks = experts_mod._expert_blocks([3, 0, 5, 2, 0, 4, 0], row_bytes=experts_mod.BLOCK_BYTES // 6)
     assert blocks == [(0, 8, [(0, 0, 3), (2, 3, 8)]), (8, 14, [(3, 8, 10), (5, 10, 14)])]

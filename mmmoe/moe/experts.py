@@ -309,7 +309,10 @@ def _scratch(ref: Tensor, rows: int, widths: Sequence[int]) -> Iterator[List[Opt
     buf = pool.pop(key, None)
     if buf is None or buf.numel() < sum(sizes):
         buf = None  # the smaller one is freed before the larger one is allocated
-        buf = ref.new_empty(sum(sizes))
+        # a normal tensor even inside torch.inference_mode (Lightning's evaluation loops): an
+        # inference tensor could not be written by a later training call
+        with torch.inference_mode(False):
+            buf = ref.new_empty(sum(sizes))
     views, off = [], 0
     for w, n in zip(widths, sizes):
         views.append(buf[off:off + rows * w].view(rows, w) if w else None)
