@@ -269,8 +269,9 @@ RECOMPUTE_MAX_WIDTH = 192
 sub-token width (its inner dimension D) is at most this. The recomputation costs D x 2F
 multiply-adds per row, storing costs a fixed price per stored element (page faults, DRAM passes),
 so narrow sub-tokens (MH-MoE with many heads) gain and wide ones lose: measured with
-``scripts/benchmark_moe.py`` on a 2-core AVX-512 machine, d 512 / 8192 tokens, h=4 (D 128) was
-13% faster with recomputation, h=2 (D 256) 2% slower, h=1 (D 512) 8% slower."""
+the layers of ``scripts/benchmark_moe.py`` (d 512, 8192 tokens) on a 2-core AVX-512 machine, two
+runs: h=4 (D 128) was 11-13% faster with recomputation, h=2 (D 256) 2% slower, h=1 (D 512) 8-10%
+slower."""
 
 
 def _expert_blocks(counts: List[int], row_bytes: int) -> List[Tuple[int, int, List[Tuple[int, int, int]]]]:
