@@ -27,11 +27,9 @@ weights p_l ~ n_l ** alpha of ``readers.text_pipeline``).
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
-import torch
 import webdataset as wds
 import webdataset.filters as wds_filters
 
@@ -64,46 +62,12 @@ def parse_mix(spec: Any, where: str = "shards") -> Optional[Dict[str, Tuple[Any,
     return out
 
 
-class MixedSource(torch.utils.data.IterableDataset):
-    """Draw each sample from one of several sample streams with fixed probabilities, tagging it
-    with ``source``. The generator is seeded by (seed, epoch, rank, worker); a finished stream
-    leaves the mix and the others are renormalised."""
+class MixedSource(readers.WeightedMix):
+    """Draw each sample from one of several sample streams with fixed weights, tagging it with
+    ``source`` (:class:`readers.WeightedMix`, streams in name order)."""
 
     def __init__(self, sources: Mapping[str, Iterable[Dict[str, Any]]], weights: Mapping[str, float], seed: int = 0):
-        if set(sources) != set(weights) or not sources:
-            raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must name the same sets")
-        total = sum(weights.values())
-        self.sources = dict(sources)
-        self.probs = {k: float(w) / total for k, w in weights.items()}
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        for src in self.sources.values():
-            if hasattr(src, "set_epoch"):
-                src.set_epoch(epoch)
-
-    def rng(self) -> random.Random:
-        rank, _ = readers.node_info()
-        worker, _ = readers.worker_info()
-        return random.Random(f"mix/{self.seed}/{self.epoch}/{rank}/{worker}")
-
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
-        rng = self.rng()
-        self.epoch += 1
-        live = {name: iter(src) for name, src in self.sources.items()}
-        names = sorted(live)
-        while live:
-            names = [n for n in names if n in live]
-            name = rng.choices(names, weights=[self.probs[n] for n in names])[0]
-            try:
-                sample = next(live[name])
-            except StopIteration:
-                del live[name]
-                continue
-            sample[SOURCE_KEY] = name
-            yield sample
+        super().__init__({k: sources[k] for k in sorted(sources)}, weights, seed=seed, tag=SOURCE_KEY)
 
 
 def mixed_pipeline(builder: Callable[..., readers.Pipeline], spec: Any, seed: int = 0,

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from data_pipelines import readers as W
+from data_pipelines.readers import shardlists
 from data_pipelines.mixing import MixedSource, count_sources, mixed_pipeline, parse_mix, proportions
 from tests.test_wds import TOK, make_shards
 
@@ -51,8 +52,8 @@ def test_proportions_one_process():
 def test_proportions_two_ranks_two_workers(monkeypatch):
     streams = {}
     for rank, worker in itertools.product(range(2), range(2)):
-        monkeypatch.setattr(W, "node_info", lambda r=rank: (r, 2))
-        monkeypatch.setattr(W, "worker_info", lambda w=worker: (w, 2))
+        monkeypatch.setattr(shardlists, "node_info", lambda r=rank: (r, 2))
+        monkeypatch.setattr(shardlists, "worker_info", lambda w=worker: (w, 2))
         streams[rank, worker] = draw(2_500)
     assert_close([t for s in streams.values() for t in s])
     firsts = {tuple(s[:50]) for s in streams.values()}

@@ -323,15 +323,20 @@ def language_probs(sizes: Mapping[str, float], alpha: float) -> Dict[str, float]
 
 
 class WeightedMix(torch.utils.data.IterableDataset):
-    """Draw each sample from one of several pipelines with fixed probabilities. In epoch mode a
-    finished source drops out and the others are renormalised, so each sample still comes once."""
+    """Draw each sample from one of several pipelines with fixed probabilities (any positive
+    weights; normalised here). In epoch mode a finished source drops out and the others are
+    renormalised, so each sample still comes once. The generator is seeded by (seed, epoch, rank,
+    worker). With ``tag``, each sample (a dict) gets its source's name under that key."""
 
-    def __init__(self, sources: Mapping[str, Iterable[Any]], probs: Mapping[str, float], seed: Optional[int] = None):
-        if set(sources) != set(probs):
-            raise ValueError(f"sources {sorted(sources)} and probs {sorted(probs)} must name the same languages")
+    def __init__(self, sources: Mapping[str, Iterable[Any]], probs: Mapping[str, float], seed: Optional[int] = None,
+                 tag: Optional[str] = None):
+        if set(sources) != set(probs) or not sources:
+            raise ValueError(f"sources {sorted(sources)} and weights {sorted(probs)} must name the same sets")
+        total = sum(probs.values())
         self.sources = dict(sources)
-        self.probs = dict(probs)
+        self.probs = {k: float(w) / total for k, w in probs.items()}
         self.seed = seed
+        self.tag = tag
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -350,9 +355,13 @@ class WeightedMix(torch.utils.data.IterableDataset):
             names = list(live)
             name = rng.choices(names, weights=[self.probs[n] for n in names])[0]
             try:
-                yield next(live[name])
+                sample = next(live[name])
             except StopIteration:
                 del live[name]
+                continue
+            if self.tag is not None:
+                sample[self.tag] = name
+            yield sample
 
 
 def text_pipeline(
