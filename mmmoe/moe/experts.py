@@ -321,7 +321,6 @@ def _scratch(ref: Tensor, rows: int, widths: Sequence[int]) -> Iterator[List[Opt
     try:
         yield views
     finally:
-        del views
         kept = pool.get(key)
         if kept is None or kept.numel() < buf.numel():
             pool[key] = buf
@@ -435,29 +434,26 @@ class _BlockedExperts(torch.autograd.Function):
                 if need_gate:
                     dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
                 do_b = dy_b.mul_(gate[lo:hi])
+                # the activation output p (input of w_out) is recomputed only for w_out's gradient
                 if activation == "swiglu":
                     a, b = h_b.chunk(2, dim=-1)
                     act = torch.ops.aten.silu.out(a, out=a_buf[:m])
-                    if need_out:
-                        p_b = torch.mul(act, b, out=p_buf[:m])
-                        for e, i, j in parts:
-                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                    dp = p_buf[:m]
+                    p_b = torch.mul(act, b, out=p_buf[:m]) if need_out else None
+                else:
+                    p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m]) if need_out else None
+                if need_out:
                     for e, i, j in parts:
-                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
-                    # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient reaching
-                    # silu(a)), a := silu'(a) * that, b := dp * silu(a)
+                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                dp = p_buf[:m]  # p's gradient, over p
+                for e, i, j in parts:
+                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                if activation == "swiglu":
+                    # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient
+                    # reaching silu(a)), a := silu'(a) * that, b := dp * silu(a)
                     b.mul_(dp)
                     torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
                     torch.mul(dp, act, out=b)
                 else:
-                    if need_out:
-                        p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m])
-                        for e, i, j in parts:
-                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                    dp = p_buf[:m]
-                    for e, i, j in parts:
-                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
                     torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
                 dh_b = h_b
                 if need_in:
