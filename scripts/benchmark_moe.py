@@ -28,6 +28,9 @@ experts path mostly avoids it. An allocator that keeps freed memory (e.g. MALLOC
 MALLOC_TRIM_THRESHOLD_=<large>, or jemalloc/tcmalloc) speeds up both and changes the ratios; run
 both ways when comparing across machines.
 "time/MAC x" divides the time ratio by the MAC ratio: the cost per multiply-add against dense.
+Fused CPU kernels: on CPU in float32 the SwiGLU of every variant (the dense FFNs too) runs through
+mmmoe.kernels when they are built; MMMOE_CPU_KERNELS=off times the ATen ops instead. The header
+line says which ran.
 
 Example (the issue's setting):
     python scripts/benchmark_moe.py --tokens 8192 --d-model 512 --hidden 1536 --experts 8 16 32
@@ -50,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mmmoe import kernels  # noqa: E402
 from mmmoe.layers.mlp import FeedForward  # noqa: E402
 from mmmoe.moe import MHMoE, MoEConfig  # noqa: E402
 
@@ -252,8 +256,12 @@ def bench(args: argparse.Namespace) -> List[dict]:
 
 
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
+    fused = "n/a"
+    if args.device == "cpu" and args.dtype == "float32":
+        fused = "on" if kernels.enabled() else f"off ({(kernels.error() or '').splitlines()[0][:80]})"
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
-          f"dense hidden={args.hidden} repeats={args.repeats} (medians of per-round ratios to dense)")
+          f"dense hidden={args.hidden} repeats={args.repeats} fused CPU SwiGLU kernels={fused} "
+          f"(medians of per-round ratios to dense)")
     hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'x matched':>9} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from mmmoe import kernels
 from mmmoe.moe import MHMoE, MoEConfig
 from mmmoe.moe import experts as experts_mod
 from mmmoe.moe.dispatch import expert_capacity, permute
@@ -267,17 +268,21 @@ def _step(m, x, impl):
 
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("block_bytes", [None, 1, 16000])
-@pytest.mark.parametrize("case", ["h1-swiglu", "h4-gelu", "capacity", "unused-expert", "bf16-autocast", "float32"])
+@pytest.mark.parametrize("case", ["h1-swiglu", "h4-gelu", "capacity", "unused-expert", "bf16-autocast", "float32",
+                                  "float32-aten"])
 def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, recompute, monkeypatch):
     """The CPU path (expert blocks, reused buffers) computes what the grouped path computes, in the
     same order: outputs and every gradient are bitwise equal (so the choice is invisible to
     training and determinism), with all experts in one block (the default at these sizes), one
     expert per block (1 byte) and a few experts per block (16000 bytes), with the first matmul
-    recomputed in backward or stored."""
+    recomputed in backward or stored. float32 runs the SwiGLU through the fused CPU kernels where
+    they are built, float32-aten through ATen's ops."""
+    if case == "float32-aten":
+        monkeypatch.setitem(kernels._state, "enabled", False)
     if block_bytes is not None:
         monkeypatch.setattr(experts_mod, "BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(experts_mod, "RECOMPUTE_MAX_WIDTH", 10**9 if recompute else 0)
-    dtype = torch.float32 if case in ("bf16-autocast", "float32") else torch.float64
+    dtype = torch.float32 if case in ("bf16-autocast", "float32", "float32-aten") else torch.float64
     kw = dict(d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
     kw.update({"h1-swiglu": dict(num_heads=1, top_k=1), "h4-gelu": dict(num_heads=4, activation="gelu"),
                "capacity": dict(capacity_factor=0.5), "unused-expert": dict(balancing="aux_free")}.get(case, {}))
@@ -300,6 +305,36 @@ def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, recompu
         assert (g is None) == (w is None)
         if g is not None:
             assert torch.equal(g, w)
+
+
+@pytest.mark.skipif(not kernels.load(), reason="fused CPU kernels not built here")
+@pytest.mark.parametrize("impl", ["blocked", "grouped"])
+def test_float32_cpu_experts_use_the_fused_swiglu_kernels_with_atens_values(impl, monkeypatch):
+    """On CPU in float32 the experts' SwiGLU goes through the fused kernels, forward and backward,
+    and the step matches the ATen-ops step (outputs bitwise: the forward kernel is ATen's silu
+    then mul; gradients to float32 rounding)."""
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = kernels.swiglu_forward, kernels.swiglu_backward
+
+    def count(name, fn):
+        def wrapped(*a):
+            calls[name] += 1
+            return fn(*a)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "swiglu_forward", count("fwd", fwd))
+    monkeypatch.setattr(kernels, "swiglu_backward", count("bwd", bwd))
+    monkeypatch.setattr(experts_mod, "BLOCK_BYTES", 16000)  # several blocks
+    m = make(dtype=torch.float32, d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
+    x = torch.randn(3, 13, 32)
+    got = _step(m, x, impl)
+    assert calls["fwd"] >= 1 and calls["bwd"] == (calls["fwd"] if impl == "blocked" else 1)
+    monkeypatch.setitem(kernels._state, "enabled", False)
+    want = _step(m, x, impl)
+    assert calls["bwd"] == (calls["fwd"] if impl == "blocked" else 1)  # not called with them off
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("recompute", [True, False])

@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmmoe import kernels
 from mmmoe.layers.bitlinear import BitLinear
+
+
+class _FusedSwiGLU(torch.autograd.Function):
+    """silu(a) * b for h = [a | b] with the fused CPU kernels (:mod:`mmmoe.kernels`): one pass over
+    memory each way, and only h is kept for backward (ATen's ops keep a, silu(a) and b)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        ctx.save_for_backward(h)
+        out = h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+        kernels.swiglu_forward(h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1]))
+        return out
+
+    @staticmethod
+    def backward(ctx, dp: Tensor) -> Tensor:
+        (h,) = ctx.saved_tensors
+        rows = h.reshape(-1, h.shape[-1])
+        dh = torch.empty_like(rows)
+        kernels.swiglu_backward(rows, dp.reshape(-1, dp.shape[-1]).contiguous(), None, dh)
+        return dh.view(h.shape)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(a) * b on the halves [a | b] of the last dimension: the fused CPU kernels for float32
+    CPU tensors when they are available, ATen's ops otherwise (same values)."""
+    if h.shape[-1] % 2 == 0 and h.numel() and h.stride(-1) == 1 and kernels.swiglu_applies(h):
+        return _FusedSwiGLU.apply(h)
+    a, b = h.chunk(2, dim=-1)
+    return F.silu(a) * b
 
 
 class FeedForward(nn.Module):
@@ -23,8 +54,7 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc_in(x)
         if self.activation == "swiglu":
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
+            h = swiglu(h)
         else:
             h = F.gelu(h)
         return self.fc_out(h)

@@ -28,6 +28,10 @@ experts through small reused buffers: the CPU path, where fresh tensors of tens 
 faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores the expert
 outputs and, for narrow sub-tokens, recomputes the first matmul block by block in backward instead
 of storing it. Both give bitwise equal outputs and gradients.
+
+On CPU in float32 both compute the SwiGLU activation and its gradient with the fused kernels of
+:mod:`mmmoe.kernels` when they could be built (one pass each way instead of two and five); their
+values are those of the ATen ops they replace.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmmoe import kernels
 from mmmoe.layers.bitlinear import act_quant_8bit, weight_quant_ternary
 
 log = logging.getLogger(__name__)
@@ -163,6 +168,8 @@ def grouped_mm_wgrad(x_AD: Tensor, g_AF: Tensor, offs_E: Tensor, counts: Counts 
 def _act_fwd(h_AH: Tensor, activation: str, inplace: bool = False) -> Tensor:
     """SwiGLU (silu(a) * b on the halves [a | b]) or GELU. ``inplace`` only where autograd is off."""
     if activation == "swiglu":
+        if inplace and kernels.swiglu_applies(h_AH):
+            return kernels.swiglu_forward(h_AH, h_AH.new_empty(h_AH.shape[0], h_AH.shape[1] // 2))
         a, b = h_AH.chunk(2, dim=-1)
         return F.silu(a).mul_(b) if inplace else F.silu(a) * b
     return F.gelu(h_AH)
@@ -194,8 +201,8 @@ class _FusedExperts(torch.autograd.Function):
 
     Gather, both grouped matmuls, gating and the scatter-add in one node. Saved for backward:
     the sub-tokens (already kept by the router), the int routing tensors, the first matmul's output
-    and the expert outputs; the activation is recomputed, and its gradient uses ATen's fused
-    silu/gelu backward kernels writing straight into the halves of one buffer.
+    and the expert outputs; the activation is recomputed, and its gradient (ATen's silu/gelu
+    backward kernels, or one fused pass on CPU) is written straight into the halves of one buffer.
     """
 
     @staticmethod
@@ -226,7 +233,15 @@ class _FusedExperts(torch.autograd.Function):
         do = dy_AD.mul_(gate.unsqueeze(-1).to(dy_AD.dtype))
         # h (the first matmul's output) is overwritten with its own gradient dh, half by half, so
         # backward holds one A x 2F buffer plus two A x F temporaries at most
-        if activation == "swiglu":
+        if activation == "swiglu" and kernels.swiglu_applies(h):
+            # one fused pass: h := [d a | d b], p := silu(a) * b for w_out's gradient
+            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
+            p = h.new_empty(dp.shape) if ctx.needs_input_grad[4] else None
+            kernels.swiglu_backward(h, dp, p)
+            del dp
+            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
+            del p
+        elif activation == "swiglu":
             a, b = h.chunk(2, dim=-1)
             act = F.silu(a)
             p = act * b  # recomputed activation, input of w_out
@@ -419,9 +434,10 @@ class _BlockedExperts(torch.autograd.Function):
         dw_out = _empty_but_zero(w_out, idle) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
         gate = gate_A.to(dt).unsqueeze(-1)
+        fused = activation == "swiglu" and kernels.swiglu_applies(s_SD)
         # scratch: d_buf dy rows -> their gate-weighted gradient -> input gradient; h_buf the
-        # recomputed first matmul (unless stored) -> its own gradient; a_buf silu(a) (swiglu);
-        # p_buf the activation output -> its gradient
+        # recomputed first matmul (unless stored) -> its own gradient; a_buf silu(a) (swiglu), or
+        # p's gradient (fused swiglu); p_buf the activation output p -> its gradient
         widths = (D, D, H if h is None else 0, Fh if activation == "swiglu" else 0, Fh)
         with _scratch(s_SD, m_max, widths) as (d_buf, x_buf, h_buf, a_buf, p_buf):
             for (lo, hi, parts), o_b in zip(blocks, outputs):
@@ -434,27 +450,38 @@ class _BlockedExperts(torch.autograd.Function):
                 if need_gate:
                     dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
                 do_b = dy_b.mul_(gate[lo:hi])
-                # the activation output p (input of w_out) is recomputed only for w_out's gradient
-                if activation == "swiglu":
-                    a, b = h_b.chunk(2, dim=-1)
-                    act = torch.ops.aten.silu.out(a, out=a_buf[:m])
-                    p_b = torch.mul(act, b, out=p_buf[:m]) if need_out else None
-                else:
-                    p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m]) if need_out else None
-                if need_out:
+                if fused:
+                    # p's gradient first, then one pass: h's block := [d a | d b], p := silu(a) * b
+                    dp = a_buf[:m]
                     for e, i, j in parts:
-                        torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                dp = p_buf[:m]  # p's gradient, over p
-                for e, i, j in parts:
-                    torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
-                if activation == "swiglu":
-                    # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient
-                    # reaching silu(a)), a := silu'(a) * that, b := dp * silu(a)
-                    b.mul_(dp)
-                    torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
-                    torch.mul(dp, act, out=b)
+                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    p_b = p_buf[:m] if need_out else None
+                    kernels.swiglu_backward(h_b, dp, p_b)
+                    if need_out:
+                        for e, i, j in parts:
+                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
                 else:
-                    torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
+                    # the activation output p (input of w_out) is recomputed only for w_out's gradient
+                    if activation == "swiglu":
+                        a, b = h_b.chunk(2, dim=-1)
+                        act = torch.ops.aten.silu.out(a, out=a_buf[:m])
+                        p_b = torch.mul(act, b, out=p_buf[:m]) if need_out else None
+                    else:
+                        p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m]) if need_out else None
+                    if need_out:
+                        for e, i, j in parts:
+                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                    dp = p_buf[:m]  # p's gradient, over p
+                    for e, i, j in parts:
+                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    if activation == "swiglu":
+                        # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient
+                        # reaching silu(a)), a := silu'(a) * that, b := dp * silu(a)
+                        b.mul_(dp)
+                        torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
+                        torch.mul(dp, act, out=b)
+                    else:
+                        torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
                 dh_b = h_b
                 if need_in:
                     if x_b is None:
@@ -481,6 +508,8 @@ def _empty_but_zero(w_EXY: Tensor, experts: List[int]) -> Tensor:
 def _act_into(h_AH: Tensor, activation: str, out: Tensor) -> Tensor:
     """SwiGLU (silu(a) * b on the halves [a | b]) or GELU of ``h_AH``, written into ``out``."""
     if activation == "swiglu":
+        if kernels.swiglu_applies(h_AH):
+            return kernels.swiglu_forward(h_AH, out)
         a, b = h_AH.chunk(2, dim=-1)
         return torch.ops.aten.silu.out(a, out=out).mul_(b)
     return torch.ops.aten.gelu.out(h_AH, out=out)

@@ -1,0 +1,165 @@
+"""Fused CPU kernels, compiled on first use with the machine's C++ compiler.
+
+PyTorch's CPU build has no elementwise fusion without a compiler, so the SwiGLU activation of the
+routed experts costs two passes over memory in forward and five in backward (silu, mul, silu again,
+silu_backward and three muls over the A x F hidden activations). ``swiglu_cpu.cpp`` does each
+direction in one pass. It is compiled once per machine with ``torch.utils.cpp_extension`` (needs a
+C++ compiler and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``) and loaded as the ``torch.ops.mmmoe_cpu`` operators.
+
+The kernels compute every value with the same operations in the same order as ATen's silu,
+silu_backward and mul kernels for the CPU capability ATen dispatches to, so on the machines tested
+results are bitwise those of the unfused path; they do not depend on the thread count.
+
+``MMMOE_CPU_KERNELS`` chooses: ``auto`` (default: build on first use, fall back to the ATen ops
+with one warning when the build fails), ``off`` (always the ATen ops), ``require`` (a failed build
+raises). :func:`enabled` / :func:`set_enabled` switch them at run time (tests, A/B benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "MMMOE_CPU_KERNELS"
+_MODES = ("auto", "off", "require")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "swiglu_cpu.cpp")
+_LOCK = threading.Lock()
+_state = {"loaded": None, "error": None, "enabled": None}
+
+# compiler flags per ATen CPU capability: the kernels must use the vector width and math
+# (Sleef) of the ATen kernels they replace
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+def _capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - very old torch
+        return "DEFAULT"
+
+
+def _build() -> None:
+    cap = _capability()
+    # -O3 for the vector loops; GCC's default floating-point contraction is kept: ATen's kernels
+    # are built with it, and the results match theirs bit for bit only with the same contractions
+    flags = ["-O3"] + _CAPABILITY_FLAGS.get(cap, [])
+    name = "mmmoe_swiglu_cpu_" + "".join(c for c in cap.lower() if c.isalnum())
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level, path = quiet.level, os.environ.get("PATH", "")
+    quiet.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on CPU machines
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:
+            try:  # the pip package's binary: not on PATH when the venv is not activated
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+            except ImportError:
+                pass
+        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, is_python_module=False,
+                           verbose=False)
+    finally:
+        quiet.setLevel(level)
+        os.environ["PATH"] = path
+
+
+def _summary(message: str) -> str:
+    """The first line of a build error and its last lines (a compiler error ends the log)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if len(lines) <= 3:
+        return " | ".join(lines)
+    return f"{lines[0][:160]} ... {' | '.join(ln[:200] for ln in lines[-2:])}"
+
+
+def load() -> bool:
+    """Builds (first time on this machine) and loads the kernels; True when they are usable.
+    In ``auto`` mode a failure is logged once and remembered; in ``require`` mode it raises."""
+    if _state["loaded"] is None:
+        with _LOCK:
+            if _state["loaded"] is None:
+                if mode() == "off":
+                    _state["loaded"] = False
+                    _state["error"] = f"{ENV}=off"
+                else:
+                    try:
+                        _build()
+                        torch.ops.mmmoe_cpu.swiglu_forward  # noqa: B018 - raises if not registered
+                        _state["loaded"] = True
+                    except Exception as exc:  # compiler, ninja or headers missing
+                        _state["loaded"] = False
+                        _state["error"] = f"{type(exc).__name__}: {exc}".strip()
+                        if mode() != "require":
+                            log.warning("fused CPU SwiGLU kernels unavailable, using the ATen ops "
+                                        "(slower on CPU; set %s=off to silence): %s", ENV, _summary(_state["error"]))
+    if not _state["loaded"] and mode() == "require":
+        raise RuntimeError(f"{ENV}=require but the fused CPU kernels could not be built: {_state['error']}")
+    return bool(_state["loaded"])
+
+
+def error() -> Optional[str]:
+    """Why the kernels are not in use (None when they are, or were not tried yet)."""
+    return _state["error"]
+
+
+def enabled() -> bool:
+    """Whether the fused kernels are used (builds them on the first call)."""
+    if _state["enabled"] is None:
+        _state["enabled"] = load()
+    return bool(_state["enabled"])
+
+
+def set_enabled(flag: bool) -> bool:
+    """Turns the fused kernels on or off for this process; returns the previous setting. Turning
+    them on builds them if needed (and raises if they cannot be built)."""
+    before = enabled()
+    if flag and not load():
+        raise RuntimeError(f"fused CPU kernels cannot be enabled: {_state['error']}")
+    _state["enabled"] = bool(flag)
+    return before
+
+
+def swiglu_applies(t: torch.Tensor) -> bool:
+    """True when the fused SwiGLU kernels handle ``t`` (CPU float32, outside torch.compile)."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return False
+    try:
+        if torch.compiler.is_compiling():
+            return False
+    except AttributeError:  # pragma: no cover
+        pass
+    return enabled()
+
+
+def swiglu_forward(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out := silu(a) * b for h = [a | b] (m x 2F, unit column stride); returns out."""
+    torch.ops.mmmoe_cpu.swiglu_forward(h, out)
+    return out
+
+
+def swiglu_backward(h: torch.Tensor, dp: torch.Tensor, p: Optional[torch.Tensor] = None,
+                    dh: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient [da | db] of silu(a) * b for h = [a | b], given its gradient ``dp``, written
+    into ``dh`` (m x 2F) or, without it, over ``h``; when ``p`` is given it receives silu(a) * b.
+    Returns the gradient."""
+    torch.ops.mmmoe_cpu.swiglu_backward(h, dp, p, dh)
+    return h if dh is None else dh

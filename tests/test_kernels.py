@@ -1,0 +1,180 @@
+"""The fused CPU SwiGLU kernels (mmmoe.kernels): values against ATen's ops and autograd, layouts,
+thread-count independence, errors, and the fallback when they cannot be built."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmmoe import kernels
+from mmmoe.layers.mlp import FeedForward
+
+built = pytest.mark.skipif(not kernels.load(), reason=f"fused CPU kernels not built here: {kernels.error()}")
+
+
+def _h(rows, width, gen, row_stride=None):
+    """rows x 2*width activations with halves [a | b], optionally a view with a wider row stride."""
+    full = torch.randn(rows, row_stride or 2 * width, generator=gen) * 3
+    return full[:, : 2 * width]
+
+
+def _reference(h, dp):
+    """ATen's ops through autograd on the halves of one m x 2F tensor (rows of a and b are not
+    contiguous with each other, as in the layers: ATen then vectorises row by row)."""
+    hh = h.detach().clone().requires_grad_(True)
+    a, b = hh.chunk(2, dim=-1)
+    p = F.silu(a) * b
+    p.backward(dp)
+    return p.detach(), hh.grad
+
+
+SHAPES = [(0, 8), (1, 1), (7, 31), (5, 32), (300, 100), (64, 384)]
+
+
+@built
+@pytest.mark.parametrize("rows,width", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_forward_is_atens_silu_times_b_bitwise(rows, width, strided):
+    gen = torch.Generator().manual_seed(rows * 1000 + width)
+    h = _h(rows, width, gen, row_stride=2 * width + 5 if strided else None)
+    a, b = h.chunk(2, dim=-1)
+    out = torch.full((rows, width), float("nan"))
+    kernels.swiglu_forward(h, out)
+    assert torch.equal(out, F.silu(a) * b)
+
+
+@built
+@pytest.mark.parametrize("rows,width", SHAPES)
+@pytest.mark.parametrize("separate", [False, True])
+def test_backward_matches_autograd(rows, width, separate):
+    gen = torch.Generator().manual_seed(rows * 1000 + width + 1)
+    h = _h(rows, width, gen, row_stride=2 * width + 3)
+    dp = torch.randn(rows, width, generator=gen)
+    p_ref, dh_ref = _reference(h, dp)
+    before = h.clone()
+    p = torch.full((rows, width), float("nan"))
+    dh = torch.full((rows, 2 * width), float("nan")) if separate else None
+    got = kernels.swiglu_backward(h, dp, p, dh)
+    assert got is (dh if separate else h)
+    assert torch.equal(p, p_ref)  # the activation comes out exactly as in forward
+    torch.testing.assert_close(got, dh_ref, rtol=2e-6, atol=1e-6)
+    if separate:
+        assert torch.equal(h, before)  # the input is left alone
+    # without p: the same gradient
+    h2 = before.clone()
+    torch.testing.assert_close(kernels.swiglu_backward(h2, dp), got, rtol=0, atol=0)
+
+
+@built
+def test_results_do_not_depend_on_the_thread_count():
+    """Rows are never split between threads, so 1 and 2 threads give the same bits (ATen's silu can
+    differ in the last bit between thread counts when a split falls inside a row)."""
+    gen = torch.Generator().manual_seed(3)
+    h = _h(777, 100, gen)
+    dp = torch.randn(777, 100, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = kernels.swiglu_forward(h, torch.empty(777, 100))
+            p = torch.empty(777, 100)
+            dh = kernels.swiglu_backward(h, dp, p, torch.empty(777, 200))
+            results.append((out, p, dh))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+@built
+def test_bad_inputs_are_refused_with_a_clear_error():
+    h = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.swiglu_forward(h.double(), torch.empty(4, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="out must be 4 x 8"):
+        kernels.swiglu_forward(h, torch.empty(4, 7))
+    with pytest.raises(RuntimeError, match="m x 2F"):
+        kernels.swiglu_forward(torch.randn(4, 15), torch.empty(4, 7))
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        kernels.swiglu_forward(torch.randn(16, 4).t(), torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="dp must be 4 x 8"):
+        kernels.swiglu_backward(h, torch.randn(3, 8))
+
+
+@built
+@pytest.mark.parametrize("shape", [(6, 16), (2, 5, 16)])
+def test_feedforward_fused_equals_aten(shape, monkeypatch):
+    """The dense SwiGLU FFN through the fused kernels gives ATen's output and gradients."""
+    torch.manual_seed(0)
+    m = FeedForward(16, 24)
+    x = torch.randn(*shape)
+    g = torch.randn(*shape)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setitem(kernels._state, "enabled", on)
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(g)
+        results[on] = [y.detach(), xi.grad] + [p.grad for p in m.parameters()]
+    assert torch.equal(results[True][0], results[False][0])
+    for a, b in zip(results[True][1:], results[False][1:]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+
+
+@built
+def test_feedforward_takes_the_fused_path_on_cpu_float32_only(monkeypatch):
+    calls = []
+    real = kernels.swiglu_forward
+    monkeypatch.setattr(kernels, "swiglu_forward", lambda *a: calls.append(1) or real(*a))
+    m = FeedForward(8, 8)
+    m(torch.randn(3, 8)).sum().backward()
+    assert calls == [1]
+    m.double()(torch.randn(3, 8, dtype=torch.float64))
+    with torch.autocast("cpu", torch.bfloat16):
+        m.float()(torch.randn(3, 8))
+    assert calls == [1]
+
+
+def _fresh_state(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {"loaded": None, "error": None, "enabled": None})
+
+
+def test_mode_off_uses_aten(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv(kernels.ENV, "off")
+    assert not kernels.enabled() and "off" in kernels.error()
+    assert not kernels.swiglu_applies(torch.randn(2, 4))
+    m = FeedForward(8, 8)
+    m(torch.randn(3, 8)).sum().backward()  # ATen ops
+    with pytest.raises(RuntimeError, match="cannot be enabled"):
+        kernels.set_enabled(True)
+
+
+def test_bad_mode_names_the_variable(monkeypatch):
+    _fresh_state(monkeypatch)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="MMMOE_CPU_KERNELS='fast'"):
+        kernels.load()
+
+
+def test_failed_build_falls_back_with_one_warning_or_raises_when_required(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("Error building extension 'x': [1/2] c++ -c swiglu_cpu.cpp\n/bin/sh: 1: c++: not found")
+
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    with caplog.at_level(logging.WARNING, logger="mmmoe.kernels"):
+        assert not kernels.swiglu_applies(torch.randn(2, 4))
+        assert not kernels.swiglu_applies(torch.randn(2, 4))
+        m = FeedForward(8, 8)
+        y = m(torch.randn(3, 8))
+        y.sum().backward()
+    warnings = [r for r in caplog.records if r.name == "mmmoe.kernels"]
+    assert len(warnings) == 1 and "c++: not found" in warnings[0].getMessage()
+    monkeypatch.setenv(kernels.ENV, "require")
+    with pytest.raises(RuntimeError, match="(?s)MMMOE_CPU_KERNELS=require.*c\\+\\+: not found"):
+        kernels.load()
