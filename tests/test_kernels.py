@@ -138,6 +138,15 @@ def test_feedforward_takes_the_fused_path_on_cpu_float32_only(monkeypatch):
     assert calls == [1]
 
 
+@built
+def test_feedforward_second_derivative_is_refused_not_wrong():
+    m = FeedForward(8, 8)
+    x = torch.randn(3, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
+
+
 def _fresh_state(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {"loaded": None, "error": None, "enabled": None})
 

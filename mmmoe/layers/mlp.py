@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mmmoe import kernels
 from mmmoe.layers.bitlinear import BitLinear
@@ -22,6 +23,7 @@ class _FusedSwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative (create_graph=True) raises instead of being wrong
     def backward(ctx, dp: Tensor) -> Tensor:
         (h,) = ctx.saved_tensors
         rows = h.reshape(-1, h.shape[-1])
