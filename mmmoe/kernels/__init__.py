@@ -1,9 +1,9 @@
 """Fused CPU kernels, compiled on first use with the machine's C++ compiler.
 
-PyTorch's CPU build has no elementwise fusion without a compiler, so the SwiGLU activation of the
-routed experts costs two passes over memory in forward and five in backward (silu, mul, silu again,
-silu_backward and three muls over the A x F hidden activations). ``swiglu_cpu.cpp`` does each
-direction in one pass. It is compiled once per machine with ``torch.utils.cpp_extension`` (needs a
+PyTorch's CPU build has no elementwise fusion without a compiler, so a SwiGLU activation costs two
+passes over memory in forward and four or five in backward (silu, mul; silu_backward, the muls and,
+where the activation is recomputed, silu again). ``swiglu_cpu.cpp`` does each direction in one
+pass. The routed experts (both paths), the dense FFN and the shared expert use it. It is compiled once per machine with ``torch.utils.cpp_extension`` (needs a
 C++ compiler and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) and loaded as the ``torch.ops.mmmoe_cpu`` operators.
 
