@@ -258,7 +258,7 @@ def bench(args: argparse.Namespace) -> List[dict]:
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
     fused = "n/a"
     if args.device == "cpu" and args.dtype == "float32":
-        fused = "on" if kernels.enabled() else f"off ({(kernels.error() or '').splitlines()[0][:80]})"
+        fused = "on" if kernels.enabled() else f"off ({(kernels.error() or 'switched off').splitlines()[0][:80]})"
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} fused CPU SwiGLU kernels={fused} "
           f"(medians of per-round ratios to dense)")

@@ -46,32 +46,46 @@ void for_rows(int64_t m, int64_t cols, const Fn& fn) {
 
 inline float silu_scalar(float x) { return x / (1.0f + std::exp(-x)); }
 
+// Checks h (m x 2F, halves [a | b]) and returns F.
+int64_t half_width(const at::Tensor& h) {
+  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "mmmoe swiglu: h must be m x 2F, got ", h.sizes());
+  check_rows(h, "h", h.size(0), h.size(1));
+  return h.size(1) / 2;
+}
+
+// For every row r of m (threads take whole rows) and every column j of [0, F): vec(r, j) on each
+// vector of a row in ATen's order (chunks of 2 vectors), then scalar(r, j) on the remainder.
+template <typename V, typename S>
+void for_columns(int64_t m, int64_t F, const V& vec, const S& scalar) {
+  for_rows(m, F, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t j = 0;
+      for (; j + kChunk <= F; j += kChunk)
+        for (int64_t k = 0; k < kChunk; k += Vec::size()) vec(r, j + k);
+      for (; j < F; ++j) scalar(r, j);
+    }
+  });
+}
+
 // out = silu(a) * b
 void swiglu_forward(const at::Tensor& h, const at::Tensor& out) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "mmmoe swiglu: h must be m x 2F, got ", h.sizes());
-  const int64_t m = h.size(0), F = h.size(1) / 2;
-  check_rows(h, "h", m, 2 * F);
+  const int64_t F = half_width(h), m = h.size(0);
   check_rows(out, "out", m, F);
   const float* hp = h.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t hs = h.stride(0), os = out.stride(0);
   const Vec one(1.0f);
-  for_rows(m, F, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* a = hp + r * hs;
-      const float* b = a + F;
-      float* o = op + r * os;
-      int64_t j = 0;
-      for (; j + kChunk <= F; j += kChunk) {
-        for (int64_t k = 0; k < kChunk; k += Vec::size()) {
-          const Vec x = Vec::loadu(a + j + k);
-          const Vec s = x / (one + x.neg().exp());
-          (s * Vec::loadu(b + j + k)).store(o + j + k);
-        }
-      }
-      for (; j < F; ++j) o[j] = silu_scalar(a[j]) * b[j];
-    }
-  });
+  for_columns(m, F,
+      [&](int64_t r, int64_t j) {
+        const float* a = hp + r * hs + j;
+        const Vec x = Vec::loadu(a);
+        const Vec s = x / (one + x.neg().exp());
+        (s * Vec::loadu(a + F)).store(op + r * os + j);
+      },
+      [&](int64_t r, int64_t j) {
+        const float* a = hp + r * hs + j;
+        op[r * os + j] = silu_scalar(a[0]) * a[F];
+      });
 }
 
 // Given dp (the gradient of silu(a) * b), writes the gradient of h = [a | b], [da | db], into dh
@@ -80,9 +94,7 @@ void swiglu_forward(const at::Tensor& h, const at::Tensor& out) {
 //   t = dp * b;  da = t * sig(a) * (1 + a * (1 - sig(a)));  db = dp * silu(a)
 void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optional<at::Tensor>& p,
                      const std::optional<at::Tensor>& dh) {
-  TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "mmmoe swiglu: h must be m x 2F, got ", h.sizes());
-  const int64_t m = h.size(0), F = h.size(1) / 2;
-  check_rows(h, "h", m, 2 * F);
+  const int64_t F = half_width(h), m = h.size(0);
   check_rows(dp, "dp", m, F);
   const bool want_p = p.has_value() && p->defined();
   if (want_p) check_rows(*p, "p", m, F);
@@ -94,40 +106,32 @@ void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optio
   float* pp = want_p ? p->data_ptr<float>() : nullptr;
   const int64_t hs = h.stride(0), gs = separate ? dh->stride(0) : hs, ds = dp.stride(0), ps = want_p ? p->stride(0) : 0;
   const Vec one(1.0f);
-  for_rows(m, F, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* a = hp + r * hs;
-      const float* b = a + F;
-      float* ga = gp + r * gs;
-      float* gb = ga + F;
-      const float* g = dpp + r * ds;
-      float* o = want_p ? pp + r * ps : nullptr;
-      int64_t j = 0;
-      for (; j + kChunk <= F; j += kChunk) {
-        for (int64_t k = 0; k < kChunk; k += Vec::size()) {
-          const Vec x = Vec::loadu(a + j + k);
-          const Vec y = Vec::loadu(b + j + k);
-          const Vec d = Vec::loadu(g + j + k);
-          const Vec e = x.neg().exp();
-          const Vec s = x / (one + e);
-          const Vec sig = one / (one + e);
-          const Vec t = d * y;
-          if (o) (s * y).store(o + j + k);
-          (t * sig * (one + x * (one - sig))).store(ga + j + k);
-          (d * s).store(gb + j + k);
-        }
-      }
-      for (; j < F; ++j) {
-        const float x = a[j], y = b[j], d = g[j];
+  for_columns(m, F,
+      [&](int64_t r, int64_t j) {
+        const float* a = hp + r * hs + j;
+        float* ga = gp + r * gs + j;
+        const Vec x = Vec::loadu(a);
+        const Vec y = Vec::loadu(a + F);
+        const Vec d = Vec::loadu(dpp + r * ds + j);
+        const Vec e = x.neg().exp();
+        const Vec s = x / (one + e);
+        const Vec sig = one / (one + e);
+        const Vec t = d * y;
+        if (pp) (s * y).store(pp + r * ps + j);
+        (t * sig * (one + x * (one - sig))).store(ga);
+        (d * s).store(ga + F);
+      },
+      [&](int64_t r, int64_t j) {
+        const float* a = hp + r * hs + j;
+        float* ga = gp + r * gs + j;
+        const float x = a[0], y = a[F], d = dpp[r * ds + j];
         const float s = silu_scalar(x);
         const float sig = 1.0f / (1.0f + std::exp(-x));
         const float t = d * y;
-        if (o) o[j] = s * y;
-        ga[j] = t * sig * (1.0f + x * (1.0f - sig));
-        gb[j] = d * s;
-      }
-    }
-  });
+        if (pp) pp[r * ps + j] = s * y;
+        ga[0] = t * sig * (1.0f + x * (1.0f - sig));
+        ga[F] = d * s;
+      });
 }
 
 }  // namespace

@@ -435,6 +435,18 @@ class _BlockedExperts(torch.autograd.Function):
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
         gate = gate_A.to(dt).unsqueeze(-1)
         fused = activation == "swiglu" and kernels.swiglu_applies(s_SD)
+
+        def grad_p(do_b: Tensor, dp: Tensor, parts, lo: int) -> Tensor:
+            """dp := the gradient of the activation output p, expert by expert."""
+            for e, i, j in parts:
+                torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+            return dp
+
+        def grad_w_out(p_b: Optional[Tensor], do_b: Tensor, parts, lo: int) -> None:
+            if need_out:
+                for e, i, j in parts:
+                    torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+
         # scratch: d_buf dy rows -> their gate-weighted gradient -> input gradient; h_buf the
         # recomputed first matmul (unless stored) -> its own gradient; a_buf silu(a) (swiglu), or
         # p's gradient (fused swiglu); p_buf the activation output p -> its gradient
@@ -452,14 +464,10 @@ class _BlockedExperts(torch.autograd.Function):
                 do_b = dy_b.mul_(gate[lo:hi])
                 if fused:
                     # p's gradient first, then one pass: h's block := [d a | d b], p := silu(a) * b
-                    dp = a_buf[:m]
-                    for e, i, j in parts:
-                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    dp = grad_p(do_b, a_buf[:m], parts, lo)
                     p_b = p_buf[:m] if need_out else None
                     kernels.swiglu_backward(h_b, dp, p_b)
-                    if need_out:
-                        for e, i, j in parts:
-                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
+                    grad_w_out(p_b, do_b, parts, lo)
                 else:
                     # the activation output p (input of w_out) is recomputed only for w_out's gradient
                     if activation == "swiglu":
@@ -468,12 +476,8 @@ class _BlockedExperts(torch.autograd.Function):
                         p_b = torch.mul(act, b, out=p_buf[:m]) if need_out else None
                     else:
                         p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m]) if need_out else None
-                    if need_out:
-                        for e, i, j in parts:
-                            torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-                    dp = p_buf[:m]  # p's gradient, over p
-                    for e, i, j in parts:
-                        torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
+                    grad_w_out(p_b, do_b, parts, lo)
+                    dp = grad_p(do_b, p_buf[:m], parts, lo)  # p's gradient, over p
                     if activation == "swiglu":
                         # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient
                         # reaching silu(a)), a := silu'(a) * that, b := dp * silu(a)
