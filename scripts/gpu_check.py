@@ -61,14 +61,20 @@ def check_syncs_and_fast_path(device: torch.device, d: int = 768, tokens: int = 
     moe_step(layer, x)  # warm-up (kernel selection, allocator)
     synchronize(device)
     result = {}
+
+    def attempt(key: str, error_key: str) -> None:
+        """One step; result[key] says whether it ran, result[error_key] why not."""
+        try:
+            moe_step(layer, x)
+            result[key] = True
+        except RuntimeError as exc:
+            result[key] = False
+            result[error_key] = str(exc).splitlines()[0]
+
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
         try:
-            moe_step(layer, x)
-            result["host_sync_free"] = True
-        except RuntimeError as exc:
-            result["host_sync_free"] = False
-            result["host_sync_error"] = str(exc).splitlines()[0]
+            attempt("host_sync_free", "host_sync_error")
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -78,11 +84,7 @@ def check_syncs_and_fast_path(device: torch.device, d: int = 768, tokens: int = 
     saved = experts_mod._loop_mm, experts_mod._loop_wgrad
     experts_mod._loop_mm = experts_mod._loop_wgrad = no_loop
     try:
-        moe_step(layer, x)
-        result["fast_grouped_path"] = True
-    except RuntimeError as exc:
-        result["fast_grouped_path"] = False
-        result["fast_path_error"] = str(exc).splitlines()[0]
+        attempt("fast_grouped_path", "fast_path_error")
     finally:
         experts_mod._loop_mm, experts_mod._loop_wgrad = saved
     return result

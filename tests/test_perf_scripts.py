@@ -57,3 +57,17 @@ def test_gpu_check_without_cuda_says_so():
     res = _run("gpu_check.py", "--skip-benchmark")
     assert res.returncode == 2
     assert "no CUDA device" in res.stderr and "--cpu-dry-run" in res.stderr
+
+
+def test_gpu_check_notices_the_fallback_loop(monkeypatch):
+    """The fast-path check reports False (with the reason) when the grouped kernel is not used."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", ROOT / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cpu = torch.device("cpu")
+    assert mod.check_syncs_and_fast_path(cpu, d=64, tokens=64)["fast_grouped_path"] is True
+    monkeypatch.setattr(mod.experts_mod, "_fast_path_ok", lambda *a, **k: False)
+    result = mod.check_syncs_and_fast_path(cpu, d=64, tokens=64)
+    assert result["fast_grouped_path"] is False and "fallback loop" in result["fast_path_error"]
