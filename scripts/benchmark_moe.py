@@ -255,13 +255,26 @@ def bench(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
+def allocator() -> str:
+    """The host allocator the process runs with, as far as the environment says: on CPU the dense
+    FFN's full-size activations page-fault on every step under glibc's defaults and the blocked MoE
+    path's reused buffers do not, so the ratios depend on it (glibc with mmap and trimming off made
+    the dense FFN 16% faster and the MoE layer 3% on the 2-core machine of issue 10)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if name in preload:
+            return name
+    tuned = sorted(k for k in os.environ if k.startswith("MALLOC_") and k.endswith("_"))
+    return "glibc" + (f" ({', '.join(tuned)} set)" if tuned else " defaults")
+
+
 def print_table(rows: List[dict], args: argparse.Namespace) -> None:
     fused = "n/a"
     if args.device == "cpu" and args.dtype == "float32":
         fused = "on" if kernels.enabled() else f"off ({(kernels.error() or 'switched off').splitlines()[0][:80]})"
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} fused CPU SwiGLU kernels={fused} "
-          f"(medians of per-round ratios to dense)")
+          f"threads={torch.get_num_threads()} allocator={allocator()} (medians of per-round ratios to dense)")
     hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'x matched':>9} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))
@@ -306,7 +319,8 @@ def main(argv=None) -> int:
     print_table(rows, args)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, rows=rows), f, indent=2)
+            json.dump(dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, allocator=allocator(),
+                           threads=torch.get_num_threads(), rows=rows), f, indent=2)
     return 0
 
 
