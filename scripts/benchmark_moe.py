@@ -26,7 +26,7 @@ Page faults: with glibc's default malloc, a fresh tensor above 32 MiB is mmapped
 faulted in on first touch, every step; the dense FFN pays this on its large activations, the CPU
 experts path mostly avoids it. An allocator that keeps freed memory (e.g. MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=<large>, or jemalloc/tcmalloc) speeds up both and changes the ratios; run
-both ways when comparing across machines.
+both ways when comparing across machines; the header line names the allocator it ran under.
 "time/MAC x" divides the time ratio by the MAC ratio: the cost per multiply-add against dense.
 Fused CPU kernels: on CPU in float32 the SwiGLU of every variant (the dense FFNs too) runs through
 mmmoe.kernels when they are built; MMMOE_CPU_KERNELS=off times the ATen ops instead. The header
@@ -256,10 +256,8 @@ def bench(args: argparse.Namespace) -> List[dict]:
 
 
 def allocator() -> str:
-    """The host allocator the process runs with, as far as the environment says: on CPU the dense
-    FFN's full-size activations page-fault on every step under glibc's defaults and the blocked MoE
-    path's reused buffers do not, so the ratios depend on it (glibc with mmap and trimming off made
-    the dense FFN 16% faster and the MoE layer 3% on the 2-core machine of issue 10)."""
+    """The host allocator, as far as the environment says (the ratios depend on it: see "Page
+    faults" above)."""
     preload = os.environ.get("LD_PRELOAD", "")
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in preload:
@@ -268,13 +266,13 @@ def allocator() -> str:
     return "glibc" + (f" ({', '.join(tuned)} set)" if tuned else " defaults")
 
 
-def print_table(rows: List[dict], args: argparse.Namespace) -> None:
+def print_table(rows: List[dict], args: argparse.Namespace, env: dict) -> None:
     fused = "n/a"
     if args.device == "cpu" and args.dtype == "float32":
         fused = "on" if kernels.enabled() else f"off ({(kernels.error() or 'switched off').splitlines()[0][:80]})"
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
           f"dense hidden={args.hidden} repeats={args.repeats} fused CPU SwiGLU kernels={fused} "
-          f"threads={torch.get_num_threads()} allocator={allocator()} (medians of per-round ratios to dense)")
+          f"threads={env['threads']} allocator={env['allocator']} (medians of per-round ratios to dense)")
     hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'x matched':>9} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)
     print("-" * len(hdr))
@@ -316,11 +314,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench(args)
-    print_table(rows, args)
+    env = dict(allocator=allocator(), threads=torch.get_num_threads())
+    print_table(rows, args, env)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, allocator=allocator(),
-                           threads=torch.get_num_threads(), rows=rows), f, indent=2)
+            json.dump(dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, **env, rows=rows), f,
+                      indent=2)
     return 0
 
 

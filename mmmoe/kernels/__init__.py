@@ -3,9 +3,10 @@
 PyTorch's CPU build has no elementwise fusion without a compiler, so a SwiGLU activation costs two
 passes over memory in forward and four or five in backward (silu, mul; silu_backward, the muls and,
 where the activation is recomputed, silu again). ``swiglu_cpu.cpp`` does each direction in one
-pass. The routed experts (both paths), the dense FFN and the shared expert use it. It is compiled once per machine with ``torch.utils.cpp_extension`` (needs a
-C++ compiler and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions``) and loaded as the ``torch.ops.mmmoe_cpu`` operators.
+pass. The routed experts (both paths), the dense FFN and the shared expert use it. It is compiled
+once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the build is
+cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loaded as the
+``torch.ops.mmmoe_cpu`` operators.
 
 The kernels compute every value with the same operations in the same order as ATen's silu,
 silu_backward and mul kernels for the CPU capability ATen dispatches to, so on the machines tested
