@@ -67,6 +67,48 @@ def test_backward_matches_autograd(rows, width, separate):
 
 
 @built
+@pytest.mark.parametrize("rows,width", SHAPES)
+def test_gated_forward_is_atens_silu_times_b_times_gate_bitwise(rows, width):
+    gen = torch.Generator().manual_seed(rows * 1000 + width + 2)
+    h = _h(rows, width, gen, row_stride=2 * width + 1)
+    gate = torch.rand(2 * rows, generator=gen)[::2]  # a strided vector of gates
+    a, b = h.chunk(2, dim=-1)
+    out = torch.full((rows, width), float("nan"))
+    kernels.swiglu_forward(h, out, gate)
+    assert torch.equal(out, (F.silu(a) * b).mul_(gate.unsqueeze(-1)))
+
+
+@built
+@pytest.mark.parametrize("rows,width", SHAPES)
+@pytest.mark.parametrize("with_q", [False, True])
+def test_gated_backward_matches_autograd_gate_gradient_included(rows, width, with_q):
+    """q = gate * silu(a) * b: the kernel's gradients of h and gate against autograd (float64
+    reference), and q written exactly as the gated forward writes it."""
+    gen = torch.Generator().manual_seed(rows * 1000 + width + 3)
+    h = _h(rows, width, gen, row_stride=2 * width + 3)
+    gate = torch.rand(rows, generator=gen) + 0.1
+    dq = torch.randn(rows, width, generator=gen)
+    hh = h.detach().double().requires_grad_(True)
+    gg = gate.double().requires_grad_(True)
+    a, b = hh.chunk(2, dim=-1)
+    (F.silu(a) * b * gg.unsqueeze(-1)).backward(dq.double())
+    q_fwd = kernels.swiglu_forward(h, torch.empty(rows, width), gate)
+    q = torch.full((rows, width), float("nan")) if with_q else None
+    dgate = torch.full((rows,), float("nan"))
+    got = kernels.swiglu_backward(h.clone(), dq, q, None, gate, dgate)
+    torch.testing.assert_close(got.double(), hh.grad, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(dgate.double(), gg.grad, rtol=2e-5, atol=1e-4)
+    if with_q:
+        assert torch.equal(q, q_fwd)
+    # without the gate's gradient: the same h gradient; dgate without gate is refused
+    again = kernels.swiglu_backward(h.clone(), dq, None, None, gate)
+    assert torch.equal(again, got)
+    if rows:
+        with pytest.raises(RuntimeError, match="dgate needs gate"):
+            kernels.swiglu_backward(h.clone(), dq, None, None, None, dgate)
+
+
+@built
 def test_results_do_not_depend_on_the_thread_count():
     """Rows are never split between threads, so 1 and 2 threads give the same bits (ATen's silu can
     differ in the last bit between thread counts when a split falls inside a row)."""
@@ -101,6 +143,10 @@ def test_bad_inputs_are_refused_with_a_clear_error():
         kernels.swiglu_forward(torch.randn(16, 4).t(), torch.empty(4, 8))
     with pytest.raises(RuntimeError, match="dp must be 4 x 8"):
         kernels.swiglu_backward(h, torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="gate must be a float32 CPU vector of 4 rows"):
+        kernels.swiglu_forward(h, torch.empty(4, 8), torch.ones(3))
+    with pytest.raises(RuntimeError, match="gate must be a float32 CPU vector of 4 rows"):
+        kernels.swiglu_backward(h, torch.randn(4, 8), None, None, torch.ones(4, dtype=torch.float64))
 
 
 @built

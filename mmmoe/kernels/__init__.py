@@ -151,16 +151,22 @@ def swiglu_applies(t: torch.Tensor) -> bool:
     return enabled()
 
 
-def swiglu_forward(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out := silu(a) * b for h = [a | b] (m x 2F, unit column stride); returns out."""
-    torch.ops.mmmoe_cpu.swiglu_forward(h, out)
+def swiglu_forward(h: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out := silu(a) * b for h = [a | b] (m x 2F, unit column stride), times ``gate`` (m, one
+    factor per row) when given; returns out."""
+    torch.ops.mmmoe_cpu.swiglu_forward(h, out, gate)
     return out
 
 
 def swiglu_backward(h: torch.Tensor, dp: torch.Tensor, p: Optional[torch.Tensor] = None,
-                    dh: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    dh: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                    dgate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gradient [da | db] of silu(a) * b for h = [a | b], given its gradient ``dp``, written
     into ``dh`` (m x 2F) or, without it, over ``h``; when ``p`` is given it receives silu(a) * b.
-    Returns the gradient."""
-    torch.ops.mmmoe_cpu.swiglu_backward(h, dp, p, dh)
+    Returns the gradient.
+
+    With ``gate`` (m) the function is gate * silu(a) * b (the routed experts): ``dp`` is the
+    gradient of that, ``p`` receives gate * silu(a) * b, and ``dgate`` (m, when given) the gate's
+    gradient, the row-wise dot product of ``dp`` and silu(a) * b."""
+    torch.ops.mmmoe_cpu.swiglu_backward(h, dp, p, dh, gate, dgate)
     return h if dh is None else dh

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -67,10 +68,22 @@ void for_columns(int64_t m, int64_t F, const V& vec, const S& scalar) {
   });
 }
 
-// out = silu(a) * b
-void swiglu_forward(const at::Tensor& h, const at::Tensor& out) {
+// Checks an optional per-row vector (m floats, any stride) and returns its data, or nullptr.
+const float* row_vector(const std::optional<at::Tensor>& v, const char* name, int64_t m, int64_t* stride) {
+  if (!v.has_value() || !v->defined()) return nullptr;
+  TORCH_CHECK(v->device().is_cpu() && v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == m,
+              "mmmoe swiglu: ", name, " must be a float32 CPU vector of ", m, " rows, got ", v->scalar_type(),
+              " ", v->sizes());
+  *stride = v->stride(0);
+  return v->const_data_ptr<float>();
+}
+
+// out = silu(a) * b, times the row's gate when one is given (ATen: silu(a).mul_(b).mul_(gate))
+void swiglu_forward(const at::Tensor& h, const at::Tensor& out, const std::optional<at::Tensor>& gate) {
   const int64_t F = half_width(h), m = h.size(0);
   check_rows(out, "out", m, F);
+  int64_t gs = 0;
+  const float* g = row_vector(gate, "gate", m, &gs);
   const float* hp = h.const_data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t hs = h.stride(0), os = out.stride(0);
@@ -80,11 +93,13 @@ void swiglu_forward(const at::Tensor& h, const at::Tensor& out) {
         const float* a = hp + r * hs + j;
         const Vec x = Vec::loadu(a);
         const Vec s = x / (one + x.neg().exp());
-        (s * Vec::loadu(a + F)).store(op + r * os + j);
+        const Vec p = s * Vec::loadu(a + F);
+        (g ? p * Vec(g[r * gs]) : p).store(op + r * os + j);
       },
       [&](int64_t r, int64_t j) {
         const float* a = hp + r * hs + j;
-        op[r * os + j] = silu_scalar(a[0]) * a[F];
+        const float p = silu_scalar(a[0]) * a[F];
+        op[r * os + j] = g ? p * g[r * gs] : p;
       });
 }
 
@@ -92,53 +107,78 @@ void swiglu_forward(const at::Tensor& h, const at::Tensor& out) {
 // (when defined; else over h) and, when p is defined, the activation silu(a) * b into p (the input
 // of the second matmul, needed for that matmul's weight gradient).
 //   t = dp * b;  da = t * sig(a) * (1 + a * (1 - sig(a)));  db = dp * silu(a)
+// With a per-row gate g (the routed experts, whose output is g * silu(a) * b): dp is the gradient
+// of that gated output, and the kernel also takes dp := dp * g first, writes g * silu(a) * b into p
+// and, when dgate is defined, the gate's gradient: the dot product of the given dp and silu(a) * b
+// (one vector accumulator per row over its vectors, then its lanes, then the scalar remainder).
 void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optional<at::Tensor>& p,
-                     const std::optional<at::Tensor>& dh) {
+                     const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& gate,
+                     const std::optional<at::Tensor>& dgate) {
   const int64_t F = half_width(h), m = h.size(0);
   check_rows(dp, "dp", m, F);
   const bool want_p = p.has_value() && p->defined();
   if (want_p) check_rows(*p, "p", m, F);
   const bool separate = dh.has_value() && dh->defined();
   if (separate) check_rows(*dh, "dh", m, 2 * F);
+  int64_t gst = 0, dgst = 0;
+  const float* g = row_vector(gate, "gate", m, &gst);
+  float* dg = const_cast<float*>(row_vector(dgate, "dgate", m, &dgst));
+  TORCH_CHECK(dg == nullptr || g != nullptr, "mmmoe swiglu: dgate needs gate");
   const float* hp = h.const_data_ptr<float>();
   float* gp = separate ? dh->data_ptr<float>() : h.data_ptr<float>();
   const float* dpp = dp.const_data_ptr<float>();
   float* pp = want_p ? p->data_ptr<float>() : nullptr;
   const int64_t hs = h.stride(0), gs = separate ? dh->stride(0) : hs, ds = dp.stride(0), ps = want_p ? p->stride(0) : 0;
   const Vec one(1.0f);
-  for_columns(m, F,
-      [&](int64_t r, int64_t j) {
-        const float* a = hp + r * hs + j;
-        float* ga = gp + r * gs + j;
-        const Vec x = Vec::loadu(a);
-        const Vec y = Vec::loadu(a + F);
-        const Vec d = Vec::loadu(dpp + r * ds + j);
-        const Vec e = x.neg().exp();
-        const Vec s = x / (one + e);
-        const Vec sig = one / (one + e);
-        const Vec t = d * y;
-        if (pp) (s * y).store(pp + r * ps + j);
-        (t * sig * (one + x * (one - sig))).store(ga);
-        (d * s).store(ga + F);
-      },
-      [&](int64_t r, int64_t j) {
-        const float* a = hp + r * hs + j;
-        float* ga = gp + r * gs + j;
-        const float x = a[0], y = a[F], d = dpp[r * ds + j];
+  for_rows(m, F, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* arow = hp + r * hs;
+      float* garow = gp + r * gs;
+      const float* drow = dpp + r * ds;
+      float* prow = pp ? pp + r * ps : nullptr;
+      const float gr = g ? g[r * gst] : 1.0f;
+      Vec acc(0.0f);
+      int64_t j = 0;
+      for (; j + kChunk <= F; j += kChunk) {
+        for (int64_t k = j; k < j + kChunk; k += Vec::size()) {
+          const Vec x = Vec::loadu(arow + k);
+          const Vec y = Vec::loadu(arow + k + F);
+          const Vec d0 = Vec::loadu(drow + k);
+          const Vec d = g ? d0 * Vec(gr) : d0;
+          const Vec e = x.neg().exp();
+          const Vec s = x / (one + e);
+          const Vec sig = one / (one + e);
+          const Vec t = d * y;
+          const Vec act = s * y;
+          if (dg) acc = acc + d0 * act;
+          if (prow) (g ? act * Vec(gr) : act).store(prow + k);
+          (t * sig * (one + x * (one - sig))).store(garow + k);
+          (d * s).store(garow + k + F);
+        }
+      }
+      float dot = dg ? at::vec::vec_reduce_all([](Vec& u, Vec& v) { return u + v; }, acc) : 0.0f;
+      for (; j < F; ++j) {
+        const float x = arow[j], y = arow[j + F], d0 = drow[j];
+        const float d = g ? d0 * gr : d0;
         const float s = silu_scalar(x);
         const float sig = 1.0f / (1.0f + std::exp(-x));
         const float t = d * y;
-        if (pp) pp[r * ps + j] = s * y;
-        ga[0] = t * sig * (1.0f + x * (1.0f - sig));
-        ga[F] = d * s;
-      });
+        const float act = s * y;
+        if (dg) dot += d0 * act;
+        if (prow) prow[j] = g ? act * gr : act;
+        garow[j] = t * sig * (1.0f + x * (1.0f - sig));
+        garow[j + F] = d * s;
+      }
+      if (dg) dg[r * dgst] = dot;
+    }
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mmmoe_cpu, m) {
-  m.def("swiglu_forward(Tensor h, Tensor(a!) out) -> ()");
-  m.def("swiglu_backward(Tensor(a!) h, Tensor dp, Tensor(b!)? p, Tensor(c!)? dh) -> ()");
+  m.def("swiglu_forward(Tensor h, Tensor(a!) out, Tensor? gate=None) -> ()");
+  m.def("swiglu_backward(Tensor(a!) h, Tensor dp, Tensor(b!)? p, Tensor(c!)? dh, Tensor? gate=None, Tensor(d!)? dgate=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mmmoe_cpu, CPU, m) {

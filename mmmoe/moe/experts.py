@@ -18,16 +18,18 @@ Mixed precision: under ``torch.autocast`` the experts compute in the autocast dt
 the cast in float32), the sub-tokens are cast too, and both grouped matmuls see one dtype, so the
 fast kernel runs. With bf16 weights (``bf16-true``) nothing is cast.
 
-Training through the experts uses one fused autograd function (gather -> two grouped matmuls ->
-gate -> scatter-add). It comes in two implementations of the same function, chosen by
-``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and ``torch._grouped_mm``, no host
-sync: the accelerator path) saves the sub-tokens, the first matmul's output and the expert outputs
-and recomputes the gated activation in backward (elementwise, cheap), so no A x F activation is
-stored twice and the gathered A x D copy is not stored at all; ``_BlockedExperts`` (blocks of
-experts through small reused buffers: the CPU path, where fresh tensors of tens of MB cost page
-faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores the expert
-outputs and, for narrow sub-tokens, recomputes the first matmul block by block in backward instead
-of storing it. Both give bitwise equal outputs and gradients.
+Training through the experts uses one fused autograd function (gather -> first grouped matmul ->
+gate times activation -> second grouped matmul -> scatter-add). The gate multiplies the activation
+rather than the expert's output (the same function): its gradient is then a dot product taken in
+the activation's backward pass, and no expert output has to be stored for it. The function comes in
+two implementations, chosen by ``GroupedExperts.impl``: ``_FusedExperts`` (full-size gathers and
+``torch._grouped_mm``, no host sync: the accelerator path) saves the sub-tokens and the first
+matmul's output and recomputes the gated activation in backward (elementwise, cheap), so no A x F
+activation is stored twice and the gathered A x D copy is not stored at all; ``_BlockedExperts``
+(blocks of experts through small reused buffers: the CPU path, where fresh tensors of tens of MB
+cost page faults and the A x 2F elementwise passes over DRAM, not the matmuls, dominated) stores
+nothing of size A for narrow sub-tokens: it recomputes the first matmul block by block in backward.
+Both give bitwise equal outputs and gradients.
 
 On CPU in float32 both compute the SwiGLU activation and its gradient with the fused kernels of
 :mod:`mmmoe.kernels` when they could be built (one pass each way instead of two and five); their
@@ -165,22 +167,70 @@ def grouped_mm_wgrad(x_AD: Tensor, g_AF: Tensor, offs_E: Tensor, counts: Counts 
     return _loop_wgrad(x_AD, g_AF, counts if counts is not None else counts_from_offsets(offs_E))
 
 
-def _act_fwd(h_AH: Tensor, activation: str, inplace: bool = False) -> Tensor:
-    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU. ``inplace`` only where autograd is off."""
+def _act_fwd(h_AH: Tensor, activation: str) -> Tensor:
+    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU, differentiable."""
     if activation == "swiglu":
-        if inplace and kernels.swiglu_applies(h_AH):
-            return kernels.swiglu_forward(h_AH, h_AH.new_empty(h_AH.shape[0], h_AH.shape[1] // 2))
         a, b = h_AH.chunk(2, dim=-1)
-        return F.silu(a).mul_(b) if inplace else F.silu(a) * b
+        return F.silu(a) * b
     return F.gelu(h_AH)
+
+
+def _gated_act(h_AH: Tensor, activation: str, gate_A: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``gate * act(h)`` per row (the input of the second matmul), written into ``out`` (a new
+    tensor without it); no autograd. On CPU in float32 one fused pass (:mod:`mmmoe.kernels`), else
+    ATen's ops in the order the kernel follows: act, then the product with the gate."""
+    width = h_AH.shape[1] // 2 if activation == "swiglu" else h_AH.shape[1]
+    out = h_AH.new_empty(h_AH.shape[0], width) if out is None else out
+    if activation == "swiglu":
+        if kernels.swiglu_applies(h_AH):
+            return kernels.swiglu_forward(h_AH, out, gate_A)
+        a, b = h_AH.chunk(2, dim=-1)
+        torch.ops.aten.silu.out(a, out=out).mul_(b)
+    else:
+        torch.ops.aten.gelu.out(h_AH, out=out)
+    return out.mul_(gate_A.unsqueeze(-1))
+
+
+def _gated_act_backward(h_AH: Tensor, dq: Tensor, gate_A: Tensor, activation: str, dgate: Optional[Tensor],
+                        q_out: Optional[Tensor], act_buf: Optional[Tensor] = None) -> None:
+    """Backward of ``q = gate * act(h)`` given ``dq``, no autograd: ``h`` is overwritten with its
+    gradient, ``dq`` is clobbered, ``q_out`` (when given) receives q, the input of the second
+    matmul's weight gradient, and ``dgate`` (when given) the gate's gradient (accumulated in at
+    least float32: it feeds the float32 router). ``act_buf`` (A x F) is scratch for ATen's SwiGLU."""
+    if activation == "swiglu" and kernels.swiglu_applies(h_AH):
+        kernels.swiglu_backward(h_AH, dq, q_out, None, gate_A, dgate)
+        return
+    g = gate_A.unsqueeze(-1)
+    if activation == "swiglu":
+        a, b = h_AH.chunk(2, dim=-1)
+        act = torch.ops.aten.silu.out(a, out=act_buf) if act_buf is not None else F.silu(a)
+        p = torch.mul(act, b, out=q_out) if q_out is not None else act * b
+    else:
+        p = torch.ops.aten.gelu.out(h_AH, out=q_out) if q_out is not None else F.gelu(h_AH)
+    if dgate is not None:
+        acc = torch.promote_types(h_AH.dtype, torch.float32)
+        dgate.copy_(torch.linalg.vecdot(dq.to(acc), p.to(acc)))
+    if q_out is not None:
+        q_out.mul_(g)
+    del p
+    dp = dq.mul_(g)
+    if activation == "swiglu":
+        # h becomes its own gradient [d a | d b]: b := dp * b (the gradient reaching silu(a)),
+        # a := silu'(a) * that, b := dp * silu(a)
+        b.mul_(dp)
+        torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
+        torch.mul(dp, act, out=b)
+    else:
+        torch.ops.aten.gelu_backward.grad_input(dp, h_AH, approximate="none", grad_input=h_AH)
 
 
 def _experts_reference_ops(s_SD, token_A, gate_A, w_in, w_out, offs_E, counts, activation):
     """The same computation as ``_FusedExperts`` from plain differentiable ops (compile path)."""
     x_AD = s_SD[token_A]
     h = grouped_mm(x_AD, w_in, offs_E, counts)
-    o = grouped_mm(_act_fwd(h, activation), w_out, offs_E, counts)
-    return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
+    q = _act_fwd(h, activation) * gate_A.unsqueeze(-1).to(h.dtype)
+    o = grouped_mm(q, w_out, offs_E, counts)
+    return s_SD.new_zeros(s_SD.shape).index_add(0, token_A, o)
 
 
 def _backward_once(ctx: Any, dy_SD: Tensor, backward: Callable[[Any, Tensor], Any]) -> Any:
@@ -197,12 +247,15 @@ def _backward_once(ctx: Any, dy_SD: Tensor, backward: Callable[[Any, Tensor], An
 
 
 class _FusedExperts(torch.autograd.Function):
-    """y_S = sum over the sub-token's assignments A of gate_A * W2[e](act(W1[e] s_S)).
+    """y_S = sum over the sub-token's assignments A of W2[e](gate_A * act(W1[e] s_S)).
 
-    Gather, both grouped matmuls, gating and the scatter-add in one node. Saved for backward:
-    the sub-tokens (already kept by the router), the int routing tensors, the first matmul's output
-    and the expert outputs; the activation is recomputed, and its gradient (ATen's silu/gelu
-    backward kernels, or one fused pass on CPU) is written straight into the halves of one buffer.
+    Gather, both grouped matmuls, gating and the scatter-add in one node. The gate multiplies the
+    activation, before the second matmul (the same function as gating the expert's output), so
+    its gradient comes from the activation's backward pass (a dot product over F per assignment)
+    and no expert output has to be kept for it. Saved for backward: the sub-tokens (already kept by
+    the router), the int routing tensors and the first matmul's output; the gated activation is
+    recomputed, and its gradient (ATen's silu/gelu backward kernels, or one fused pass on CPU) is
+    written straight into the halves of one buffer.
     """
 
     @staticmethod
@@ -212,9 +265,9 @@ class _FusedExperts(torch.autograd.Function):
         with torch.autocast(s_SD.device.type, enabled=False):
             x_AD = s_SD.index_select(0, token_A)
             h = grouped_mm(x_AD, w_in, offs_E, counts)  # A x F (gelu) or A x 2F (swiglu: [w1 | w3])
-            o = grouped_mm(_act_fwd(h, activation, inplace=True), w_out, offs_E, counts)  # A x D
-            y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o * gate_A.unsqueeze(-1).to(o.dtype))
-        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, offs_E, h, o)
+            o = grouped_mm(_gated_act(h, activation, gate_A), w_out, offs_E, counts)  # A x D
+            y_SD = s_SD.new_zeros(s_SD.shape).index_add_(0, token_A, o)
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, offs_E, h)
         ctx.counts, ctx.activation, ctx.consumed = counts, activation, False
         return y_SD
 
@@ -224,43 +277,18 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy_SD):
-        s_SD, token_A, gate, w_in, w_out, offs, h, o = ctx.saved_tensors
+        s_SD, token_A, gate, w_in, w_out, offs, h = ctx.saved_tensors
         counts, activation = ctx.counts, ctx.activation
-        dy_AD = dy_SD.to(o.dtype).index_select(0, token_A)
-        # the gate gradient feeds the float32 router: reduce over D in float32, not in bf16
-        acc = torch.promote_types(o.dtype, torch.float32)
-        dgate = torch.linalg.vecdot(dy_AD.to(acc), o.to(acc)).to(gate.dtype) if ctx.needs_input_grad[2] else None
-        do = dy_AD.mul_(gate.unsqueeze(-1).to(dy_AD.dtype))
-        # h (the first matmul's output) is overwritten with its own gradient dh, half by half, so
-        # backward holds one A x 2F buffer plus two A x F temporaries at most
-        if activation == "swiglu" and kernels.swiglu_applies(h):
-            # one fused pass: h := [d a | d b], p := silu(a) * b for w_out's gradient
-            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-            p = h.new_empty(dp.shape) if ctx.needs_input_grad[4] else None
-            kernels.swiglu_backward(h, dp, p)
-            del dp
-            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
-            del p
-        elif activation == "swiglu":
-            a, b = h.chunk(2, dim=-1)
-            act = F.silu(a)
-            p = act * b  # recomputed activation, input of w_out
-            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
-            del p
-            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-            torch.mul(dp, b, out=b)  # b := dp * b, the gradient reaching silu(a)
-            db = dp.mul_(act)  # dp := dp * silu(a) = d b
-            del act
-            torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)  # a := d a
-            b.copy_(db)
-            del db, dp
-        else:
-            p = F.gelu(h)
-            dw_out = grouped_mm_wgrad(p, do, offs, counts) if ctx.needs_input_grad[4] else None
-            del p
-            dp = grouped_mm(do, w_out.transpose(-2, -1), offs, counts)
-            torch.ops.aten.gelu_backward.grad_input(dp, h, approximate="none", grad_input=h)
-            del dp
+        need_out = ctx.needs_input_grad[4]
+        dy_AD = dy_SD.to(h.dtype).index_select(0, token_A)
+        dq = grouped_mm(dy_AD, w_out.transpose(-2, -1), offs, counts)  # gradient of gate * act(h)
+        # h (the first matmul's output) is overwritten with its own gradient dh
+        q = h.new_empty(dq.shape) if need_out else None
+        dgate = gate.new_empty(gate.shape) if ctx.needs_input_grad[2] else None
+        _gated_act_backward(h, dq, gate, activation, dgate, q)
+        del dq
+        dw_out = grouped_mm_wgrad(q, dy_AD, offs, counts) if need_out else None
+        del q, dy_AD
         dh = h
         x_AD = s_SD.index_select(0, token_A)
         dw_in = grouped_mm_wgrad(x_AD, dh, offs, counts) if ctx.needs_input_grad[3] else None
@@ -365,13 +393,13 @@ class _BlockedExperts(torch.autograd.Function):
     On CPU the layer's cost beyond its matmuls was memory: every fresh tensor of tens of MB costs
     page faults on first touch (glibc returns large blocks to the OS on free), and the A x 2F
     elementwise passes ran at DRAM speed over the full-size first-matmul output. Here forward
-    computes the first matmul block by block (:data:`BLOCK_BYTES`), applies the activation and the
-    second matmul while the block is in cache, and keeps the expert outputs (A x D, one tensor per
-    block: each small enough to come from reused heap pages) for the gate gradient. For narrow
-    sub-tokens (width <= :data:`RECOMPUTE_MAX_WIDTH`) the first matmul's output is not stored at all:
-    backward recomputes it block by block into a reused buffer (for those widths, cheaper than
-    storing it) and every elementwise pass runs on cache-resident buffers; this also removes the
-    largest activation of the layer (A x 2F). Wider sub-tokens store it full size.
+    computes the first matmul block by block (:data:`BLOCK_BYTES`), applies the gated activation
+    and the second matmul while the block is in cache, and adds the block's outputs into the result:
+    nothing of size A is kept (the gate's gradient comes from the activation's backward pass). For
+    narrow sub-tokens (width <= :data:`RECOMPUTE_MAX_WIDTH`) the first matmul's output is not stored
+    either: backward recomputes it block by block into a reused buffer (for those widths, cheaper
+    than storing it) and every elementwise pass runs on cache-resident buffers; this also removes
+    the largest activation of the layer (A x 2F). Wider sub-tokens store it full size.
 
     Matmuls are ``torch.mm(out=)`` per expert, which is what ``torch._grouped_mm`` does on CPU, so
     any dtype and width runs (no fallback). Needs the rows per expert as a Python list (derived from
@@ -393,23 +421,19 @@ class _BlockedExperts(torch.autograd.Function):
             m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
             # the first matmul's output: one block's scratch buffer, or (stored for backward) full size
             h = s_SD.new_empty(token_A.shape[0], H) if training and not recompute else None
-            gate = gate_A.to(s_SD.dtype).unsqueeze(-1)
-            outputs = []  # expert outputs per block, saved for the gate gradient
-            widths = (D, H if h is None else 0, w_out.shape[1], 0 if training else D)
-            with _scratch(s_SD, m_max, widths) as (x_buf, h_buf, p_buf, o_buf):
+            widths = (D, H if h is None else 0, w_out.shape[1], D)
+            with _scratch(s_SD, m_max, widths) as (x_buf, h_buf, q_buf, o_buf):
                 for lo, hi, parts in blocks:
                     m, tok = hi - lo, token_A[lo:hi]
                     _, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf if h is None else h[lo:])
-                    p_b = _act_into(h_b, activation, p_buf[:m])
-                    o_b = s_SD.new_empty(m, D) if training else o_buf[:m]
+                    q_b = _gated_act(h_b, activation, gate_A[lo:hi], q_buf[:m])
+                    o_b = o_buf[:m]
                     for e, a, b in parts:
-                        torch.mm(p_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
-                    if training:
-                        outputs.append(o_b)
-                    y_SD.index_add_(0, tok, torch.mul(o_b, gate[lo:hi], out=x_buf[:m]))
+                        torch.mm(q_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
+                    y_SD.index_add_(0, tok, o_b)
         stored = () if h is None else (h,)
-        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, *stored, *outputs)
-        ctx.blocks, ctx.activation, ctx.consumed, ctx.stored_h = blocks, activation, False, h is not None
+        ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, *stored)
+        ctx.blocks, ctx.activation, ctx.consumed = blocks, activation, False
         return y_SD
 
     @staticmethod
@@ -418,14 +442,13 @@ class _BlockedExperts(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy_SD):
-        s_SD, token_A, gate_A, w_in, w_out, *outputs = ctx.saved_tensors
-        h = outputs.pop(0) if ctx.stored_h else None
+        s_SD, token_A, gate_A, w_in, w_out, *stored = ctx.saved_tensors
+        h = stored[0] if stored else None
         blocks, activation = ctx.blocks, ctx.activation
         need_s, need_gate, need_in, need_out = (ctx.needs_input_grad[i] for i in (0, 2, 3, 4))
         dt = s_SD.dtype
         dy_SD = dy_SD.to(dt)
         D, Fh, H = s_SD.shape[1], w_out.shape[1], w_in.shape[2]
-        acc = torch.promote_types(dt, torch.float32)  # the gate gradient feeds the float32 router
         ds = torch.zeros_like(s_SD) if need_s else None
         dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
         # every expert with rows writes its whole weight gradient; only the others are zeroed
@@ -433,59 +456,29 @@ class _BlockedExperts(torch.autograd.Function):
         dw_in = _empty_but_zero(w_in, idle) if need_in else None
         dw_out = _empty_but_zero(w_out, idle) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
-        gate = gate_A.to(dt).unsqueeze(-1)
-        fused = activation == "swiglu" and kernels.swiglu_applies(s_SD)
+        aten_swiglu = activation == "swiglu" and not kernels.swiglu_applies(s_SD)
 
-        def grad_p(do_b: Tensor, dp: Tensor, parts, lo: int) -> Tensor:
-            """dp := the gradient of the activation output p, expert by expert."""
-            for e, i, j in parts:
-                torch.mm(do_b[i - lo:j - lo], w_out[e].t(), out=dp[i - lo:j - lo])
-            return dp
-
-        def grad_w_out(p_b: Optional[Tensor], do_b: Tensor, parts, lo: int) -> None:
-            if need_out:
-                for e, i, j in parts:
-                    torch.mm(p_b[i - lo:j - lo].t(), do_b[i - lo:j - lo], out=dw_out[e])
-
-        # scratch: d_buf dy rows -> their gate-weighted gradient -> input gradient; h_buf the
-        # recomputed first matmul (unless stored) -> its own gradient; a_buf silu(a) (swiglu), or
-        # p's gradient (fused swiglu); p_buf the activation output p -> its gradient
-        widths = (D, D, H if h is None else 0, Fh if activation == "swiglu" else 0, Fh)
-        with _scratch(s_SD, m_max, widths) as (d_buf, x_buf, h_buf, a_buf, p_buf):
-            for (lo, hi, parts), o_b in zip(blocks, outputs):
+        # scratch: d_buf dy rows -> the input gradient; x_buf the gathered sub-tokens; h_buf the
+        # recomputed first matmul (unless stored) -> its own gradient; g_buf the gradient of the
+        # gated activation q; q_buf q itself (w_out's gradient); a_buf silu(a) (ATen's SwiGLU)
+        widths = (D, D, H if h is None else 0, Fh, Fh if need_out else 0, Fh if aten_swiglu else 0)
+        with _scratch(s_SD, m_max, widths) as (d_buf, x_buf, h_buf, g_buf, q_buf, a_buf):
+            for lo, hi, parts in blocks:
                 m, tok = hi - lo, token_A[lo:hi]
                 if h is None:
                     x_b, h_b = _first_matmul(s_SD, tok, w_in, parts, lo, x_buf, h_buf)
                 else:
                     x_b, h_b = None, h[lo:hi]
                 dy_b = torch.index_select(dy_SD, 0, tok, out=d_buf[:m])
-                if need_gate:
-                    dgate[lo:hi] = torch.linalg.vecdot(dy_b.to(acc), o_b.to(acc)).to(dgate.dtype)
-                do_b = dy_b.mul_(gate[lo:hi])
-                if fused:
-                    # p's gradient first, then one pass: h's block := [d a | d b], p := silu(a) * b
-                    dp = grad_p(do_b, a_buf[:m], parts, lo)
-                    p_b = p_buf[:m] if need_out else None
-                    kernels.swiglu_backward(h_b, dp, p_b)
-                    grad_w_out(p_b, do_b, parts, lo)
-                else:
-                    # the activation output p (input of w_out) is recomputed only for w_out's gradient
-                    if activation == "swiglu":
-                        a, b = h_b.chunk(2, dim=-1)
-                        act = torch.ops.aten.silu.out(a, out=a_buf[:m])
-                        p_b = torch.mul(act, b, out=p_buf[:m]) if need_out else None
-                    else:
-                        p_b = torch.ops.aten.gelu.out(h_b, out=p_buf[:m]) if need_out else None
-                    grad_w_out(p_b, do_b, parts, lo)
-                    dp = grad_p(do_b, p_buf[:m], parts, lo)  # p's gradient, over p
-                    if activation == "swiglu":
-                        # h's block becomes its own gradient [d a | d b]: b := dp * b (the gradient
-                        # reaching silu(a)), a := silu'(a) * that, b := dp * silu(a)
-                        b.mul_(dp)
-                        torch.ops.aten.silu_backward.grad_input(b, a, grad_input=a)
-                        torch.mul(dp, act, out=b)
-                    else:
-                        torch.ops.aten.gelu_backward.grad_input(dp, h_b, approximate="none", grad_input=h_b)
+                dq = g_buf[:m]
+                for e, i, j in parts:
+                    torch.mm(dy_b[i - lo:j - lo], w_out[e].t(), out=dq[i - lo:j - lo])
+                q_b = q_buf[:m] if need_out else None
+                _gated_act_backward(h_b, dq, gate_A[lo:hi], activation, None if dgate is None else dgate[lo:hi],
+                                    q_b, a_buf[:m] if aten_swiglu else None)
+                if need_out:
+                    for e, i, j in parts:
+                        torch.mm(q_b[i - lo:j - lo].t(), dy_b[i - lo:j - lo], out=dw_out[e])
                 dh_b = h_b
                 if need_in:
                     if x_b is None:
@@ -507,16 +500,6 @@ def _empty_but_zero(w_EXY: Tensor, experts: List[int]) -> Tensor:
     for e in experts:
         out[e].zero_()
     return out
-
-
-def _act_into(h_AH: Tensor, activation: str, out: Tensor) -> Tensor:
-    """SwiGLU (silu(a) * b on the halves [a | b]) or GELU of ``h_AH``, written into ``out``."""
-    if activation == "swiglu":
-        if kernels.swiglu_applies(h_AH):
-            return kernels.swiglu_forward(h_AH, out)
-        a, b = h_AH.chunk(2, dim=-1)
-        return torch.ops.aten.silu.out(a, out=out).mul_(b)
-    return torch.ops.aten.gelu.out(h_AH, out=out)
 
 
 class GroupedExperts(nn.Module):
