@@ -233,3 +233,133 @@ def test_failed_build_falls_back_with_one_warning_or_raises_when_required(monkey
     monkeypatch.setenv(kernels.ENV, "require")
     with pytest.raises(RuntimeError, match="(?s)MMMOE_CPU_KERNELS=require.*c\\+\\+: not found"):
         kernels.load()
+
+
+# ---------------------------------------------------------------- router kernels
+from mmmoe.moe.dispatch import permute  # noqa: E402
+from mmmoe.moe.router import load_balance_loss, route_with_lse, router_z_loss  # noqa: E402
+
+
+def _aten_route(logits, k, bias=None):
+    """The ATen path of route_with_lse, with the kernels switched off."""
+    before = kernels.set_enabled(False)
+    try:
+        return route_with_lse(logits, k, bias)
+    finally:
+        kernels.set_enabled(before)
+
+
+@built
+@pytest.mark.parametrize("S,E,k", [(0, 8, 2), (1, 4, 1), (500, 32, 2), (300, 7, 3), (64, 128, 8), (33, 17, 17)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_route_kernel_forward_is_atens_softmax_topk_gates(S, E, k, with_bias):
+    gen = torch.Generator().manual_seed(S * 7 + E + k)
+    logits = torch.randn(S, E, generator=gen) * 3
+    bias = torch.randn(E, generator=gen) * 0.05 if with_bias else None
+    probs, idx, gates, lse = route_with_lse(logits, k, bias)
+    want = _aten_route(logits, k, bias)
+    assert torch.equal(probs, want[0])  # ATen's softmax, bit for bit
+    assert torch.equal(idx, want[1])
+    if k <= 4:  # the renormalising sum is then taken in ATen's order too
+        assert torch.equal(gates, want[2])
+    torch.testing.assert_close(gates, want[2], rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse, want[3], rtol=1e-6, atol=1e-6)
+    assert idx.dtype == torch.long and gates.shape == (S, k)
+
+
+@built
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_route_kernel_gradient_matches_float64_autograd(k, with_bias):
+    """Through every consumer of the router in the layer: the balance loss (probs), the experts
+    (gates) and the z-loss (lse); the float64 ATen path is the reference."""
+    gen = torch.Generator().manual_seed(k + 10 * with_bias)
+    S, E = 257, 9
+    logits = torch.randn(S, E, generator=gen, dtype=torch.float64) * 2
+    bias = torch.randn(E, generator=gen) * 0.1 if with_bias else None
+    w = torch.randn(S, k, generator=gen, dtype=torch.float64)
+
+    def loss(lg, cast):
+        probs, idx, gates, lse = route_with_lse(lg, k, bias)
+        return 0.1 * load_balance_loss(probs, idx) + 0.01 * router_z_loss(lg, lse) + (gates * cast(w)).sum(), idx
+
+    ref = logits.clone().requires_grad_(True)
+    l_ref, idx_ref = loss(ref, lambda t: t)
+    l_ref.backward()
+    got = logits.float().requires_grad_(True)
+    l_got, idx_got = loss(got, lambda t: t.float())
+    assert torch.equal(idx_got, idx_ref)
+    l_got.backward()
+    torch.testing.assert_close(got.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    # each consumer alone: unused outputs send no gradient, and the kernel handles that
+    for part in ("probs", "gates", "lse"):
+        lg = logits.float().requires_grad_(True)
+        probs, idx, gates, lse = route_with_lse(lg, k, bias)
+        {"probs": probs, "gates": gates, "lse": lse}[part].square().sum().backward()
+        lr = logits.clone().requires_grad_(True)
+        pr, _, gr, sr = _aten_route(lr, k, bias)
+        {"probs": pr, "gates": gr, "lse": sr}[part].square().sum().backward()
+        torch.testing.assert_close(lg.grad.double(), lr.grad, rtol=1e-5, atol=1e-6)
+
+
+@built
+def test_route_kernel_ties_nan_and_threads():
+    """Equal scores go to the lower expert index; a NaN row still yields k distinct valid experts;
+    the result does not depend on the thread count."""
+    logits = torch.zeros(5, 6)  # all equal (e.g. zero sub-tokens): experts 0..k-1
+    _, idx, gates, _ = route_with_lse(logits, 3)
+    assert idx.tolist() == [[0, 1, 2]] * 5
+    assert torch.allclose(gates, torch.full((5, 3), 1 / 3))
+    bad = torch.randn(4, 6)
+    bad[1, 2] = float("nan")
+    _, idx, _, _ = route_with_lse(bad, 2)
+    assert all(len(set(r)) == 2 and all(0 <= e < 6 for e in r) for r in idx.tolist())
+    gen = torch.Generator().manual_seed(5)
+    lg = torch.randn(3001, 32, generator=gen)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = lg.clone().requires_grad_(True)
+            probs, idx, gates, lse = route_with_lse(x, 2)
+            (probs.mean(0).square().sum() + gates.sum() + lse.square().mean()).backward()
+            outs.append((probs, idx, gates, lse, x.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@built
+@pytest.mark.parametrize("S,E,k", [(0, 4, 2), (1, 3, 1), (1000, 32, 2), (77, 5, 4)])
+def test_dispatch_order_is_a_stable_argsort_and_bincount(S, E, k):
+    gen = torch.Generator().manual_seed(S + E + k)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(S)]) if S else torch.empty(0, k, dtype=torch.long)
+    plan = permute(idx, E)
+    flat = idx.t().reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(plan.order_A, order)
+    assert torch.equal(plan.token_A, order % S if S else order)
+    assert torch.equal(plan.counts_E, torch.bincount(flat, minlength=E))
+    # the capacity mode on top of the kernel's order equals the ATen path's
+    before = kernels.set_enabled(False)
+    try:
+        want = permute(idx, E, capacity=max(1, S * k // (2 * E)))
+    finally:
+        kernels.set_enabled(before)
+    got = permute(idx, E, capacity=max(1, S * k // (2 * E)))
+    for f in ("order_A", "token_A", "counts_E", "routed_E", "num_dropped"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+
+
+@built
+def test_router_kernels_refuse_bad_inputs_clearly():
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        kernels.route_forward(torch.randn(4, 3), None, 4)
+    with pytest.raises(RuntimeError, match="bias must be float32 of 3"):
+        kernels.route_forward(torch.randn(4, 3), torch.zeros(4), 2)
+    with pytest.raises(RuntimeError, match="logits must be float32"):
+        kernels.route_forward(torch.randn(4, 3, dtype=torch.float64), None, 2)
+    with pytest.raises(RuntimeError, match="expert index 7 out of range"):
+        kernels.dispatch_order(torch.tensor([[0, 7]]), 4)

@@ -3,14 +3,19 @@
 PyTorch's CPU build has no elementwise fusion without a compiler, so a SwiGLU activation costs two
 passes over memory in forward and four or five in backward (silu, mul; silu_backward, the muls and,
 where the activation is recomputed, silu again). ``swiglu_cpu.cpp`` does each direction in one
-pass. The routed experts (both paths), the dense FFN and the shared expert use it. It is compiled
-once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the build is
-cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loaded as the
-``torch.ops.mmmoe_cpu`` operators.
+pass (in the routed experts with the gate applied, and its gradient taken, in the same pass). The
+routed experts (both paths), the dense FFN and the shared expert use it. ``route_cpu.cpp`` does the
+router's softmax, top-k, gates and log-sum-exp in one pass over the logits and their gradient in one
+pass back (ATen: about a dozen ops each way), and sorts the assignments by expert with a counting
+sort. They are compiled once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler
+and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+and loaded as the ``torch.ops.mmmoe_cpu`` operators.
 
-The kernels compute every value with the same operations in the same order as ATen's silu,
-silu_backward and mul kernels for the CPU capability ATen dispatches to, so on the machines tested
-results are bitwise those of the unfused path; they do not depend on the thread count.
+The SwiGLU kernels compute every value with the same operations in the same order as ATen's silu,
+silu_backward and mul kernels for the CPU capability ATen dispatches to, and the router kernel its
+probabilities as ATen's softmax does, so on the machines tested these results are bitwise those of
+the unfused path; sums the kernels take in their own order (the gate gradient, the router's
+gradient, the log-sum-exp) match ATen's to float32 rounding. No result depends on the thread count.
 
 ``MMMOE_CPU_KERNELS`` chooses: ``auto`` (default: build on first use, fall back to the ATen ops
 with one warning when the build fails), ``off`` (always the ATen ops), ``require`` (a failed build
@@ -31,7 +36,8 @@ log = logging.getLogger(__name__)
 
 ENV = "MMMOE_CPU_KERNELS"
 _MODES = ("auto", "off", "require")
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "swiglu_cpu.cpp")
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_DIR, name) for name in ("swiglu_cpu.cpp", "route_cpu.cpp")]
 _LOCK = threading.Lock()
 _state = {"loaded": None, "error": None, "enabled": None}
 
@@ -63,7 +69,7 @@ def _build() -> None:
     # -O3 for the vector loops; GCC's default floating-point contraction is kept: ATen's kernels
     # are built with it, and the results match theirs bit for bit only with the same contractions
     flags = ["-O3"] + _CAPABILITY_FLAGS.get(cap, [])
-    name = "mmmoe_swiglu_cpu_" + "".join(c for c in cap.lower() if c.isalnum())
+    name = "mmmoe_cpu_kernels_" + "".join(c for c in cap.lower() if c.isalnum())
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level, path = quiet.level, os.environ.get("PATH", "")
     quiet.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on CPU machines
@@ -77,7 +83,7 @@ def _build() -> None:
                 os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
             except ImportError:
                 pass
-        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=flags, is_python_module=False,
+        cpp_extension.load(name=name, sources=_SOURCES, extra_cflags=flags, is_python_module=False,
                            verbose=False)
     finally:
         quiet.setLevel(level)
@@ -105,12 +111,13 @@ def load() -> bool:
                     try:
                         _build()
                         torch.ops.mmmoe_cpu.swiglu_forward  # noqa: B018 - raises if not registered
+                        torch.ops.mmmoe_cpu.route_forward  # noqa: B018
                         _state["loaded"] = True
                     except Exception as exc:  # compiler, ninja or headers missing
                         _state["loaded"] = False
                         _state["error"] = f"{type(exc).__name__}: {exc}".strip()
                         if mode() != "require":
-                            log.warning("fused CPU SwiGLU kernels unavailable, using the ATen ops "
+                            log.warning("fused CPU kernels unavailable, using the ATen ops "
                                         "(slower on CPU; set %s=off to silence): %s", ENV, _summary(_state["error"]))
     if not _state["loaded"] and mode() == "require":
         raise RuntimeError(f"{ENV}=require but the fused CPU kernels could not be built: {_state['error']}")
@@ -139,9 +146,10 @@ def set_enabled(flag: bool) -> bool:
     return before
 
 
-def swiglu_applies(t: torch.Tensor) -> bool:
-    """True when the fused SwiGLU kernels handle ``t`` (CPU float32, outside torch.compile)."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
+def applies(t: torch.Tensor, dtype: Optional[torch.dtype] = torch.float32) -> bool:
+    """True when the fused kernels handle ``t``: a CPU tensor of ``dtype`` (any dtype for
+    ``None``), outside torch.compile, with the kernels enabled."""
+    if t.device.type != "cpu" or (dtype is not None and t.dtype != dtype):
         return False
     try:
         if torch.compiler.is_compiling():
@@ -149,6 +157,11 @@ def swiglu_applies(t: torch.Tensor) -> bool:
     except AttributeError:  # pragma: no cover
         pass
     return enabled()
+
+
+def swiglu_applies(t: torch.Tensor) -> bool:
+    """True when the fused SwiGLU kernels handle ``t`` (CPU float32, outside torch.compile)."""
+    return applies(t)
 
 
 def swiglu_forward(h: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -170,3 +183,37 @@ def swiglu_backward(h: torch.Tensor, dp: torch.Tensor, p: Optional[torch.Tensor]
     gradient, the row-wise dot product of ``dp`` and silu(a) * b."""
     torch.ops.mmmoe_cpu.swiglu_backward(h, dp, p, dh, gate, dgate)
     return h if dh is None else dh
+
+
+def route_forward(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int):
+    """Softmax over the experts (bitwise ATen's), top-k of the probabilities plus ``bias`` (ties:
+    the lower expert index), the chosen probabilities renormalised to sum to 1 when k > 1, and
+    the log-sum-exp of each row: (probs S x E, idx S x k int64, gates S x k, lse S)."""
+    S, E = logits.shape
+    probs = logits.new_empty(S, E)
+    idx = torch.empty(S, k, dtype=torch.long)
+    gates = logits.new_empty(S, k)
+    lse = logits.new_empty(S)
+    torch.ops.mmmoe_cpu.route_forward(logits, bias, k, probs, idx, gates, lse)
+    return probs, idx, gates, lse
+
+
+def route_backward(probs: torch.Tensor, idx: torch.Tensor, dprobs: Optional[torch.Tensor],
+                   dgates: Optional[torch.Tensor], dlse: Optional[torch.Tensor]) -> torch.Tensor:
+    """The logits' gradient given those of :func:`route_forward`'s probs, gates and lse (each
+    optional)."""
+    out = torch.empty_like(probs)
+    torch.ops.mmmoe_cpu.route_backward(probs, idx, dprobs, dgates, dlse, out)
+    return out
+
+
+def dispatch_order(idx: torch.Tensor, num_experts: int):
+    """Choice-major assignment positions (k * S + s) of ``idx`` (S x k) sorted by expert, stably,
+    their sub-tokens, and the assignments per expert: a counting sort, the same result as a stable
+    argsort and a bincount."""
+    A = idx.numel()
+    order = torch.empty(A, dtype=torch.long)
+    token = torch.empty(A, dtype=torch.long)
+    counts = torch.empty(num_experts, dtype=torch.long)
+    torch.ops.mmmoe_cpu.dispatch_order(idx, num_experts, order, token, counts)
+    return order, token, counts

@@ -6,51 +6,21 @@
 // silu_backward and mul kernels (vectorised chunks of 2 vectors, a scalar remainder per row), and
 // rows are never split between threads, so results do not depend on the thread count.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>
+#include "cpu_common.h"
+
 #include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
-#include <cmath>
-
+namespace mmmoe_cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kChunk = 2 * Vec::size();
-
-void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.device().is_cpu(), "mmmoe swiglu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "mmmoe swiglu: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "mmmoe swiglu: ", name,
-              " must be ", rows, " x ", cols, ", got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || cols <= 1, "mmmoe swiglu: ", name, " needs unit column stride");
-}
-
-// Runs fn(r0, r1) over row ranges on ATen's intra-op threads, split by whole rows. A TensorIterator
-// over a dummy row vector does the splitting: at::parallel_for is inline and would need this file
-// compiled against the same OpenMP runtime as ATen, for_each runs inside libtorch's own pool.
-template <typename Fn>
-void for_rows(int64_t m, int64_t cols, const Fn& fn) {
-  if (m <= 0) return;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
-  at::Tensor rows = at::empty({m}, at::TensorOptions().dtype(at::kByte));
-  const char* base = static_cast<const char*>(rows.const_data_ptr());
-  auto iter = at::TensorIteratorConfig().add_output(rows).check_all_same_dtype(false).resize_outputs(false).build();
-  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
-    TORCH_INTERNAL_ASSERT(size1 == 1 && (size0 <= 1 || strides[0] == 1));
-    const int64_t r0 = data[0] - base;
-    fn(r0, r0 + size0);
-  }, grain);
-}
+constexpr const char* kOp = "mmmoe swiglu";
 
 inline float silu_scalar(float x) { return x / (1.0f + std::exp(-x)); }
 
 // Checks h (m x 2F, halves [a | b]) and returns F.
 int64_t half_width(const at::Tensor& h) {
   TORCH_CHECK(h.dim() == 2 && h.size(1) % 2 == 0, "mmmoe swiglu: h must be m x 2F, got ", h.sizes());
-  check_rows(h, "h", h.size(0), h.size(1));
+  check_rows(h, kOp, "h", h.size(0), h.size(1));
   return h.size(1) / 2;
 }
 
@@ -81,7 +51,7 @@ const float* row_vector(const std::optional<at::Tensor>& v, const char* name, in
 // out = silu(a) * b, times the row's gate when one is given (ATen: silu(a).mul_(b).mul_(gate))
 void swiglu_forward(const at::Tensor& h, const at::Tensor& out, const std::optional<at::Tensor>& gate) {
   const int64_t F = half_width(h), m = h.size(0);
-  check_rows(out, "out", m, F);
+  check_rows(out, kOp, "out", m, F);
   int64_t gs = 0;
   const float* g = row_vector(gate, "gate", m, &gs);
   const float* hp = h.const_data_ptr<float>();
@@ -115,11 +85,11 @@ void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optio
                      const std::optional<at::Tensor>& dh, const std::optional<at::Tensor>& gate,
                      const std::optional<at::Tensor>& dgate) {
   const int64_t F = half_width(h), m = h.size(0);
-  check_rows(dp, "dp", m, F);
+  check_rows(dp, kOp, "dp", m, F);
   const bool want_p = p.has_value() && p->defined();
-  if (want_p) check_rows(*p, "p", m, F);
+  if (want_p) check_rows(*p, kOp, "p", m, F);
   const bool separate = dh.has_value() && dh->defined();
-  if (separate) check_rows(*dh, "dh", m, 2 * F);
+  if (separate) check_rows(*dh, kOp, "dh", m, 2 * F);
   int64_t gst = 0, dgst = 0;
   const float* g = row_vector(gate, "gate", m, &gst);
   float* dg = const_cast<float*>(row_vector(dgate, "dgate", m, &dgst));
@@ -175,6 +145,7 @@ void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optio
 }
 
 }  // namespace
+}  // namespace mmmoe_cpu
 
 TORCH_LIBRARY(mmmoe_cpu, m) {
   m.def("swiglu_forward(Tensor h, Tensor(a!) out, Tensor? gate=None) -> ()");
@@ -182,6 +153,6 @@ TORCH_LIBRARY(mmmoe_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(mmmoe_cpu, CPU, m) {
-  m.impl("swiglu_forward", &swiglu_forward);
-  m.impl("swiglu_backward", &swiglu_backward);
+  m.impl("swiglu_forward", &mmmoe_cpu::swiglu_forward);
+  m.impl("swiglu_backward", &mmmoe_cpu::swiglu_backward);
 }

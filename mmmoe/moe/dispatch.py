@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mmmoe import kernels
+
 
 @dataclass
 class DispatchPlan:
@@ -40,8 +42,12 @@ def expert_capacity(num_subtokens: int, num_experts: int, top_k: int, capacity_f
 def permute(idx_SK: Tensor, num_experts: int, capacity: Optional[int] = None) -> DispatchPlan:
     S, K = idx_SK.shape
     flat_A = idx_SK.t().reshape(-1)  # choice-major
-    order_A = torch.argsort(flat_A, stable=True)
-    routed_E = torch.bincount(flat_A, minlength=num_experts)
+    token_A = None
+    if kernels.applies(idx_SK, dtype=torch.long):
+        order_A, token_A, routed_E = kernels.dispatch_order(idx_SK, num_experts)  # a counting sort
+    else:
+        order_A = torch.argsort(flat_A, stable=True)
+        routed_E = torch.bincount(flat_A, minlength=num_experts)
     counts_E = routed_E
     num_dropped = torch.zeros((), dtype=torch.long, device=idx_SK.device)
     if capacity is not None:
@@ -50,7 +56,9 @@ def permute(idx_SK: Tensor, num_experts: int, capacity: Optional[int] = None) ->
         position_A = torch.arange(order_A.numel(), device=idx_SK.device) - start_E[e_sorted]
         keep = position_A < capacity
         order_A = order_A[keep]  # boolean indexing: the capacity mode's one host sync
+        token_A = None
         counts_E = routed_E.clamp(max=capacity)
         num_dropped = (routed_E - counts_E).sum()
-    token_A = order_A % S if S > 0 else order_A
+    if token_A is None:
+        token_A = order_A % S if S > 0 else order_A
     return DispatchPlan(order_A, token_A, counts_E, routed_E, num_dropped)

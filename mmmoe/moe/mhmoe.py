@@ -24,7 +24,7 @@ from mmmoe.layers.mlp import FeedForward
 from mmmoe.moe.config import MoEConfig
 from mmmoe.moe.dispatch import expert_capacity, permute
 from mmmoe.moe.experts import GroupedExperts, expert_offsets
-from mmmoe.moe.router import SoftmaxRouter, XMoERouter, load_balance_loss, route, router_z_loss
+from mmmoe.moe.router import SoftmaxRouter, XMoERouter, load_balance_loss, route_with_lse, router_z_loss
 from mmmoe.moe.stats import MoEOutput, sub_token_divergence
 
 
@@ -104,7 +104,7 @@ class MHMoE(nn.Module):
         s_SDh = self.head(x_TD).reshape(T * h, Dh)  # token split: sub-token j = j-th slice
         logits_SE = self.router(s_SDh)
         bias = self.expert_bias if c.balancing == "aux_free" else None
-        probs_SE, idx_SK, gates_SK = route(logits_SE, K, bias)
+        probs_SE, idx_SK, gates_SK, lse_S = route_with_lse(logits_SE, K, bias)
 
         S = T * h
         run = self.dispatch if self.dispatcher is None else self.dispatcher.dispatch
@@ -116,7 +116,7 @@ class MHMoE(nn.Module):
             y_TD = y_TD + self.shared_expert(x_TD)
 
         aux = load_balance_loss(probs_SE, idx_SK)
-        z = router_z_loss(logits_SE)
+        z = router_z_loss(logits_SE, lse_S)
         loss = c.z_loss_coef * z
         if c.balancing == "aux_loss":
             loss = loss + c.aux_loss_coef * aux

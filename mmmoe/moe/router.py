@@ -13,6 +13,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from mmmoe import kernels
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -81,13 +84,49 @@ def route(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = None) -> Tup
     unbiased probabilities. With k > 1 the k gates are renormalised to sum to 1.
     Returns ``probs_SE``, ``idx_SK`` (int64), ``gates_SK``.
     """
+    return route_with_lse(logits_SE, top_k, bias_E)[:3]
+
+
+def route_with_lse(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`route` and the log-sum-exp of each row of logits (the z-loss's input, S).
+
+    On CPU in float32 one fused kernel (:mod:`mmmoe.kernels`) computes all four in one pass, and
+    their gradient in one pass back. Its probabilities and selections are those of ATen's softmax
+    and topk (bitwise on the machines tested; between exactly equal scores the lower expert index
+    is chosen), its gates, log-sum-exp and gradient equal ATen's to float32 rounding (the gates
+    bitwise up to k = 4 there). Elsewhere ATen's ops run.
+    """
+    if kernels.applies(logits_SE) and logits_SE.dim() == 2:
+        bias = None if bias_E is None else bias_E.detach().to("cpu", torch.float32)
+        return _FusedRoute.apply(logits_SE, bias, top_k)
     probs_SE = logits_SE.softmax(dim=-1)
     scores = probs_SE if bias_E is None else probs_SE + bias_E.to(probs_SE.dtype)
     idx_SK = scores.topk(top_k, dim=-1).indices
     gates_SK = probs_SE.gather(1, idx_SK)
     if top_k > 1:
         gates_SK = gates_SK / gates_SK.sum(dim=-1, keepdim=True)
-    return probs_SE, idx_SK, gates_SK
+    return probs_SE, idx_SK, gates_SK, torch.logsumexp(logits_SE, dim=-1)
+
+
+class _FusedRoute(torch.autograd.Function):
+    """:func:`route_with_lse` through the fused CPU kernels: probs, idx (not differentiable),
+    gates and lse from one pass; the logits' gradient from one pass over whichever of their
+    gradients reach it (the balance loss's, the gates', the z-loss's). Saves probs and idx."""
+
+    @staticmethod
+    def forward(ctx, logits_SE: Tensor, bias_E: Optional[Tensor], top_k: int):
+        probs, idx, gates, lse = kernels.route_forward(logits_SE, bias_E, top_k)
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # unused outputs send None, not zeros
+        ctx.save_for_backward(probs, idx)
+        return probs, idx, gates, lse
+
+    @staticmethod
+    @once_differentiable  # a second derivative raises instead of being wrong
+    def backward(ctx, dprobs, _didx, dgates, dlse):
+        probs, idx = ctx.saved_tensors
+        f32 = (lambda t: None if t is None else t.float())
+        return kernels.route_backward(probs, idx, f32(dprobs), f32(dgates), f32(dlse)), None, None
 
 
 def load_balance_loss(probs_SE: Tensor, idx_SK: Tensor) -> Tensor:
@@ -101,8 +140,10 @@ def load_balance_loss(probs_SE: Tensor, idx_SK: Tensor) -> Tensor:
     return E * (probs_SE.mean(dim=0) * f_E).sum()
 
 
-def router_z_loss(logits_SE: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean over sub-tokens of logsumexp(logits)^2."""
+def router_z_loss(logits_SE: Tensor, lse_S: Optional[Tensor] = None) -> Tensor:
+    """ST-MoE router z-loss: mean over sub-tokens of logsumexp(logits)^2 (``lse_S``: that
+    log-sum-exp when already computed, e.g. by :func:`route_with_lse`)."""
     if logits_SE.shape[0] == 0:
         return logits_SE.sum() * 0
-    return torch.logsumexp(logits_SE, dim=-1).square().mean()
+    lse_S = torch.logsumexp(logits_SE, dim=-1) if lse_S is None else lse_S
+    return lse_S.square().mean()
