@@ -85,6 +85,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("data_pipelines").setLevel(logging.ERROR)  # the skips are counted, not logged
+    # stopped again at the end: left on, tracing would slow every later allocation of a caller's
+    # process (the tests run main() in-process) and a later fork could deadlock on its lock
+    started_tracing = not args.no_tracemalloc and not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start()
+    try:
+        return _fuzz(args)
+    finally:
+        if started_tracing:
+            tracemalloc.stop()
+
+
+def _fuzz(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     budget = args.minutes * 60.0
     totals: Dict[str, int] = {}
@@ -93,8 +106,6 @@ def main(argv=None) -> int:
     first_problems: List[str] = []
     worst = ""
     rss_start_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not args.no_tracemalloc:
-        tracemalloc.start()
     start = last = time.monotonic()
     print(f"fuzz_shards: seed {args.seed}, "
           + (f"{args.iterations} iterations" if args.iterations else f"{args.minutes:g} min")

@@ -270,6 +270,9 @@ def test_fuzz_script_reports(tmp_path, capsys):
         sys.path.remove(str(tmp_path))
     out = tmp_path / "fuzz.json"
     assert main(["--iterations", "6", "--seed", "5", "--json", str(out), "--progress", "0"]) == 0
+    # tracing is stopped again: left on, it slowed the rest of the session and could deadlock a
+    # later fork (DataLoader workers)
+    assert not tracemalloc.is_tracing()
     text = capsys.readouterr().out
     assert "crashes:            0" in text and "PASS" in text
     report = json.loads(out.read_text())

@@ -201,11 +201,13 @@ def _gated_act_backward(h_AH: Tensor, dq: Tensor, gate_A: Tensor, activation: st
         kernels.swiglu_backward(h_AH, dq, q_out, None, gate_A, dgate)
         return
     g = gate_A.unsqueeze(-1)
+    p = None  # act(h), needed only for the gate's gradient and q
     if activation == "swiglu":
         a, b = h_AH.chunk(2, dim=-1)
         act = torch.ops.aten.silu.out(a, out=act_buf) if act_buf is not None else F.silu(a)
-        p = torch.mul(act, b, out=q_out) if q_out is not None else act * b
-    else:
+        if q_out is not None or dgate is not None:
+            p = torch.mul(act, b, out=q_out) if q_out is not None else act * b
+    elif q_out is not None or dgate is not None:
         p = torch.ops.aten.gelu.out(h_AH, out=q_out) if q_out is not None else F.gelu(h_AH)
     if dgate is not None:
         acc = torch.promote_types(h_AH.dtype, torch.float32)
