@@ -314,6 +314,13 @@ def test_route_kernel_ties_nan_and_threads():
     bad[1, 2] = float("nan")
     _, idx, _, _ = route_with_lse(bad, 2)
     assert all(len(set(r)) == 2 and all(0 <= e < 6 for e in r) for r in idx.tolist())
+    # experts switched off by a -inf bias are chosen only after every other one (lowest index first)
+    lg = torch.randn(7, 6)
+    bias = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, float("-inf"), float("-inf")])
+    probs, idx, _, _ = route_with_lse(lg, 4, bias)
+    two = probs[:, [1, 3]]
+    assert idx[:, :2].tolist() == [[1, 3] if a >= b else [3, 1] for a, b in two.tolist()]
+    assert idx[:, 2:].tolist() == [[0, 2]] * 7
     gen = torch.Generator().manual_seed(5)
     lg = torch.randn(3001, 32, generator=gen)
     threads = torch.get_num_threads()

@@ -102,8 +102,14 @@ void route_forward(const at::Tensor& logits, const std::optional<at::Tensor>& bi
       at::vec::map([inv](Vec v) { return v * Vec(inv); }, p, p, E);
       sp[r * ss] = mx + std::log(sum);
       // scores (probabilities plus the bias) in a scratch row that the selection may overwrite
-      for (int64_t e = 0; e < E; ++e) work[e] = bp ? p[e] + bp[e * bst] : p[e];
-      if (!select_by_max(work.data(), E, k, best_i.data())) select_by_insertion(work.data(), E, k, best_v.data(), best_i.data());
+      auto fill_scores = [&] {
+        for (int64_t e = 0; e < E; ++e) work[e] = bp ? p[e] + bp[e * bst] : p[e];
+      };
+      fill_scores();
+      if (!select_by_max(work.data(), E, k, best_i.data())) {
+        fill_scores();  // the failed attempt may have overwritten some
+        select_by_insertion(work.data(), E, k, best_v.data(), best_i.data());
+      }
       int64_t* ir = ip + r * is0;
       float* gr = gp + r * gs0;
       for (int64_t j = 0; j < k; ++j) {
