@@ -306,6 +306,10 @@ def test_route_kernel_gradient_matches_float64_autograd(k, with_bias):
 def test_route_kernel_ties_nan_and_threads():
     """Equal scores go to the lower expert index; a NaN row still yields k distinct valid experts;
     the result does not depend on the thread count."""
+    wide = torch.randn(6, 9)
+    got = route_with_lse(wide.t(), 2)  # a transposed view: read through a contiguous copy
+    want = _aten_route(wide.t(), 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     logits = torch.zeros(5, 6)  # all equal (e.g. zero sub-tokens): experts 0..k-1
     _, idx, gates, _ = route_with_lse(logits, 3)
     assert idx.tolist() == [[0, 1, 2]] * 5

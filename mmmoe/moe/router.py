@@ -98,6 +98,8 @@ def route_with_lse(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = Non
     """
     if kernels.applies(logits_SE) and logits_SE.dim() == 2:
         bias = None if bias_E is None else bias_E.detach().to("cpu", torch.float32)
+        if logits_SE.stride(-1) != 1:
+            logits_SE = logits_SE.contiguous()  # the kernel reads rows with unit column stride
         return _FusedRoute.apply(logits_SE, bias, top_k)
     probs_SE = logits_SE.softmax(dim=-1)
     scores = probs_SE if bias_E is None else probs_SE + bias_E.to(probs_SE.dtype)
