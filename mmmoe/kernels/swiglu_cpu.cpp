@@ -92,7 +92,7 @@ void swiglu_backward(const at::Tensor& h, const at::Tensor& dp, const std::optio
   if (separate) check_rows(*dh, kOp, "dh", m, 2 * F);
   int64_t gst = 0, dgst = 0;
   const float* g = row_vector(gate, "gate", m, &gst);
-  float* dg = const_cast<float*>(row_vector(dgate, "dgate", m, &dgst));
+  float* dg = row_vector(dgate, "dgate", m, &dgst) ? dgate->data_ptr<float>() : nullptr;
   TORCH_CHECK(dg == nullptr || g != nullptr, "mmmoe swiglu: dgate needs gate");
   const float* hp = h.const_data_ptr<float>();
   float* gp = separate ? dh->data_ptr<float>() : h.data_ptr<float>();
