@@ -201,7 +201,7 @@ def test_mode_off_uses_aten(monkeypatch):
     _fresh_state(monkeypatch)
     monkeypatch.setenv(kernels.ENV, "off")
     assert not kernels.enabled() and "off" in kernels.error()
-    assert not kernels.swiglu_applies(torch.randn(2, 4))
+    assert not kernels.applies(torch.randn(2, 4))
     m = FeedForward(8, 8)
     m(torch.randn(3, 8)).sum().backward()  # ATen ops
     with pytest.raises(RuntimeError, match="cannot be enabled"):
@@ -223,8 +223,8 @@ def test_failed_build_falls_back_with_one_warning_or_raises_when_required(monkey
     monkeypatch.setattr(kernels, "_build", broken)
     monkeypatch.delenv(kernels.ENV, raising=False)
     with caplog.at_level(logging.WARNING, logger="mmmoe.kernels"):
-        assert not kernels.swiglu_applies(torch.randn(2, 4))
-        assert not kernels.swiglu_applies(torch.randn(2, 4))
+        assert not kernels.applies(torch.randn(2, 4))
+        assert not kernels.applies(torch.randn(2, 4))
         m = FeedForward(8, 8)
         y = m(torch.randn(3, 8))
         y.sum().backward()
@@ -256,8 +256,11 @@ def test_route_kernel_forward_is_atens_softmax_topk_gates(S, E, k, with_bias):
     gen = torch.Generator().manual_seed(S * 7 + E + k)
     logits = torch.randn(S, E, generator=gen) * 3
     bias = torch.randn(E, generator=gen) * 0.05 if with_bias else None
-    probs, idx, gates, lse = route_with_lse(logits, k, bias)
+    probs, idx, gates, lse = route_with_lse(logits.requires_grad_(True), k, bias)
+    assert type(gates.grad_fn).__name__ == "_FusedRouteBackward"  # the kernel ran, not ATen's ops
+    probs, gates, lse, logits = probs.detach(), gates.detach(), lse.detach(), logits.detach()
     want = _aten_route(logits, k, bias)
+    assert type(want[2].grad_fn).__name__ != "_FusedRouteBackward"
     assert torch.equal(probs, want[0])  # ATen's softmax, bit for bit
     assert torch.equal(idx, want[1])
     if k <= 4:  # the renormalising sum is then taken in ATen's order too
@@ -344,10 +347,14 @@ def test_route_kernel_ties_nan_and_threads():
 
 @built
 @pytest.mark.parametrize("S,E,k", [(0, 4, 2), (1, 3, 1), (1000, 32, 2), (77, 5, 4)])
-def test_dispatch_order_is_a_stable_argsort_and_bincount(S, E, k):
+def test_dispatch_order_is_a_stable_argsort_and_bincount(S, E, k, monkeypatch):
     gen = torch.Generator().manual_seed(S + E + k)
     idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(S)]) if S else torch.empty(0, k, dtype=torch.long)
+    calls = []
+    real = kernels.dispatch_order
+    monkeypatch.setattr(kernels, "dispatch_order", lambda *a: calls.append(1) or real(*a))
     plan = permute(idx, E)
+    assert calls  # the counting sort ran, not the argsort
     flat = idx.t().reshape(-1)
     order = torch.argsort(flat, stable=True)
     assert torch.equal(plan.order_A, order)

@@ -159,11 +159,6 @@ def applies(t: torch.Tensor, dtype: Optional[torch.dtype] = torch.float32) -> bo
     return enabled()
 
 
-def swiglu_applies(t: torch.Tensor) -> bool:
-    """True when the fused SwiGLU kernels handle ``t`` (CPU float32, outside torch.compile)."""
-    return applies(t)
-
-
 def swiglu_forward(h: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out := silu(a) * b for h = [a | b] (m x 2F, unit column stride), times ``gate`` (m, one
     factor per row) when given; returns out."""

@@ -134,7 +134,8 @@ void route_backward(const at::Tensor& probs, const at::Tensor& idx, const std::o
   const int64_t S = probs.size(0), E = probs.size(1), k = idx.size(1);
   check_rows(probs, kOp, "probs", S, E);
   check_rows(dlogits, kOp, "dlogits", S, E);
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == S, kOp, ": idx must be int64 S x k");
+  TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == S &&
+              k <= E, kOp, ": idx must be an int64 CPU matrix ", S, " x k (k <= ", E, "), got ", idx.sizes());
   auto opt = [&](const std::optional<at::Tensor>& t, const char* name, int64_t cols) -> const at::Tensor* {
     if (!t.has_value() || !t->defined()) return nullptr;
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32 on CPU");

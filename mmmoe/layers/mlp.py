@@ -35,7 +35,7 @@ class _FusedSwiGLU(torch.autograd.Function):
 def swiglu(h: Tensor) -> Tensor:
     """silu(a) * b on the halves [a | b] of the last dimension: the fused CPU kernels for float32
     CPU tensors when they are available, ATen's ops otherwise (same values)."""
-    if h.shape[-1] % 2 == 0 and h.numel() and h.stride(-1) == 1 and kernels.swiglu_applies(h):
+    if h.shape[-1] % 2 == 0 and h.numel() and h.stride(-1) == 1 and kernels.applies(h):
         return _FusedSwiGLU.apply(h)
     a, b = h.chunk(2, dim=-1)
     return F.silu(a) * b

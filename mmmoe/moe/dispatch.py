@@ -41,16 +41,18 @@ def expert_capacity(num_subtokens: int, num_experts: int, top_k: int, capacity_f
 
 def permute(idx_SK: Tensor, num_experts: int, capacity: Optional[int] = None) -> DispatchPlan:
     S, K = idx_SK.shape
-    flat_A = idx_SK.t().reshape(-1)  # choice-major
+    flat_A = None  # the choice-major flattening: the ATen sort and the capacity mode need it
     token_A = None
     if kernels.applies(idx_SK, dtype=torch.long):
         order_A, token_A, routed_E = kernels.dispatch_order(idx_SK, num_experts)  # a counting sort
     else:
+        flat_A = idx_SK.t().reshape(-1)
         order_A = torch.argsort(flat_A, stable=True)
         routed_E = torch.bincount(flat_A, minlength=num_experts)
     counts_E = routed_E
     num_dropped = torch.zeros((), dtype=torch.long, device=idx_SK.device)
     if capacity is not None:
+        flat_A = idx_SK.t().reshape(-1) if flat_A is None else flat_A
         e_sorted = flat_A[order_A]
         start_E = routed_E.cumsum(0) - routed_E
         position_A = torch.arange(order_A.numel(), device=idx_SK.device) - start_E[e_sorted]

@@ -33,7 +33,8 @@ Both give bitwise equal outputs and gradients.
 
 On CPU in float32 both compute the SwiGLU activation and its gradient with the fused kernels of
 :mod:`mmmoe.kernels` when they could be built (one pass each way instead of two and five); their
-values are those of the ATen ops they replace.
+values are those of the ATen ops they replace, except the gate's gradient (a dot product summed in
+the kernel's own order), which matches to float32 rounding.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def _gated_act(h_AH: Tensor, activation: str, gate_A: Tensor, out: Optional[Tens
     width = h_AH.shape[1] // 2 if activation == "swiglu" else h_AH.shape[1]
     out = h_AH.new_empty(h_AH.shape[0], width) if out is None else out
     if activation == "swiglu":
-        if kernels.swiglu_applies(h_AH):
+        if kernels.applies(h_AH):
             return kernels.swiglu_forward(h_AH, out, gate_A)
         a, b = h_AH.chunk(2, dim=-1)
         torch.ops.aten.silu.out(a, out=out).mul_(b)
@@ -197,7 +198,7 @@ def _gated_act_backward(h_AH: Tensor, dq: Tensor, gate_A: Tensor, activation: st
     gradient, ``dq`` is clobbered, ``q_out`` (when given) receives q, the input of the second
     matmul's weight gradient, and ``dgate`` (when given) the gate's gradient (accumulated in at
     least float32: it feeds the float32 router). ``act_buf`` (A x F) is scratch for ATen's SwiGLU."""
-    if activation == "swiglu" and kernels.swiglu_applies(h_AH):
+    if activation == "swiglu" and kernels.applies(h_AH):
         kernels.swiglu_backward(h_AH, dq, q_out, None, gate_A, dgate)
         return
     g = gate_A.unsqueeze(-1)
@@ -458,7 +459,7 @@ class _BlockedExperts(torch.autograd.Function):
         dw_in = _empty_but_zero(w_in, idle) if need_in else None
         dw_out = _empty_but_zero(w_out, idle) if need_out else None
         m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
-        aten_swiglu = activation == "swiglu" and not kernels.swiglu_applies(s_SD)
+        aten_swiglu = activation == "swiglu" and not kernels.applies(s_SD)
 
         # scratch: d_buf dy rows -> the input gradient; x_buf the gathered sub-tokens; h_buf the
         # recomputed first matmul (unless stored) -> its own gradient; g_buf the gradient of the

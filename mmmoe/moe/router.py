@@ -84,7 +84,7 @@ def route(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = None) -> Tup
     unbiased probabilities. With k > 1 the k gates are renormalised to sum to 1.
     Returns ``probs_SE``, ``idx_SK`` (int64), ``gates_SK``.
     """
-    return route_with_lse(logits_SE, top_k, bias_E)[:3]
+    return _route(logits_SE, top_k, bias_E, with_lse=False)[:3]
 
 
 def route_with_lse(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -96,6 +96,12 @@ def route_with_lse(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = Non
     is chosen), its gates, log-sum-exp and gradient equal ATen's to float32 rounding (the gates
     bitwise up to k = 4 there). Elsewhere ATen's ops run.
     """
+    return _route(logits_SE, top_k, bias_E, with_lse=True)
+
+
+def _route(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor], with_lse: bool):
+    """The fused kernel (which always gives the log-sum-exp), or ATen's ops (which compute it only
+    ``with_lse``; ``None`` otherwise)."""
     if kernels.applies(logits_SE) and logits_SE.dim() == 2:
         bias = None if bias_E is None else bias_E.detach().to("cpu", torch.float32)
         if logits_SE.stride(-1) != 1:
@@ -107,7 +113,7 @@ def route_with_lse(logits_SE: Tensor, top_k: int, bias_E: Optional[Tensor] = Non
     gates_SK = probs_SE.gather(1, idx_SK)
     if top_k > 1:
         gates_SK = gates_SK / gates_SK.sum(dim=-1, keepdim=True)
-    return probs_SE, idx_SK, gates_SK, torch.logsumexp(logits_SE, dim=-1)
+    return probs_SE, idx_SK, gates_SK, torch.logsumexp(logits_SE, dim=-1) if with_lse else None
 
 
 class _FusedRoute(torch.autograd.Function):
