@@ -381,3 +381,84 @@ def test_router_kernels_refuse_bad_inputs_clearly():
         kernels.route_forward(torch.randn(4, 3, dtype=torch.float64), None, 2)
     with pytest.raises(RuntimeError, match="expert index 7 out of range"):
         kernels.dispatch_order(torch.tensor([[0, 7]]), 4)
+
+
+def _scatter_calls(gen, n, D, calls, dup_free=False):
+    """Random (index, src) calls into n rows of width D; src rows are views with a row stride
+    wider than D; with ``dup_free`` no row repeats within a call."""
+    out = []
+    for _ in range(calls):
+        m = int(torch.randint(0, 2 * n + 1, (1,), generator=gen))
+        if dup_free:
+            m = min(m, n)
+            index = torch.randperm(n, generator=gen)[:m]
+        else:
+            index = torch.randint(0, n, (m,), generator=gen)
+        src = torch.randn(m, D + 3, generator=gen)[:, :D]
+        out.append((index, src))
+    return out
+
+
+@built
+@pytest.mark.parametrize("n,D,calls,dup_free", [(1, 1, 1, False), (50, 7, 3, False), (300, 128, 4, True),
+                                                (300, 33, 5, False), (20, 16, 0, False), (1000, 64, 2, True)])
+def test_row_scatter_equals_index_add_into_zeros(n, D, calls, dup_free):
+    """Copy-first scatter (no zero fill) against zeros.index_add_: bitwise, with rows repeated within
+    a call (column-split path), unique rows (row-split path), rows never written (zeroed at the
+    end) and an output whose initial contents are garbage (NaN)."""
+    gen = torch.Generator().manual_seed(n * 31 + D)
+    plan = _scatter_calls(gen, n, D, calls, dup_free)
+    want = torch.zeros(n, D)
+    acc = kernels.RowScatter(torch.full((n, D), float("nan")))
+    for index, src in plan:
+        want.index_add_(0, index, src)
+        acc.add(index, src)
+    got = acc.finish()
+    assert got is acc.out
+    assert torch.equal(got, want)
+    if n > 1 and calls:
+        untouched = torch.ones(n, dtype=torch.bool)
+        for index, _ in plan:
+            untouched[index] = False
+        assert torch.equal(acc.stamp < 0, untouched)
+
+
+@built
+def test_row_scatter_does_not_depend_on_the_thread_count():
+    gen = torch.Generator().manual_seed(5)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for dup_free in (True, False):
+            plan = _scatter_calls(gen, 4000, 96, 3, dup_free)
+            per_threads = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                acc = kernels.RowScatter(torch.empty(4000, 96))
+                for index, src in plan:
+                    acc.add(index, src)
+                per_threads.append(acc.finish())
+            results.append(per_threads)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in results:
+        assert torch.equal(one, two)
+
+
+@built
+def test_row_scatter_refuses_bad_inputs_and_writes_nothing():
+    out = torch.full((5, 4), float("nan"))
+    acc = kernels.RowScatter(out)
+    with pytest.raises(RuntimeError, match=r"index 5 out of range \[0, 5\)"):
+        acc.add(torch.tensor([0, 5]), torch.ones(2, 4))
+    assert out.isnan().all() and torch.equal(acc.stamp, torch.full((5,), -1, dtype=torch.int32))
+    acc.add(torch.tensor([0, 0]), torch.ones(2, 4))  # still usable: row 0 is 1 + 1, the rest zero
+    assert torch.equal(acc.finish(), torch.tensor([[2.0] * 4] + [[0.0] * 4] * 4))
+    with pytest.raises(RuntimeError, match="src must be 2 x 4"):
+        acc.add(torch.tensor([0, 1]), torch.ones(2, 3))
+    with pytest.raises(RuntimeError, match="src must be float32"):
+        acc.add(torch.tensor([0, 1]), torch.ones(2, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="index must be an int64"):
+        acc.add(torch.tensor([0, 1], dtype=torch.int32), torch.ones(2, 4))
+    with pytest.raises(RuntimeError, match="stamp must be a contiguous int32"):
+        torch.ops.mmmoe_cpu.scatter_rows(out, torch.tensor([0]), torch.ones(1, 4), torch.zeros(4, dtype=torch.int32), 0)

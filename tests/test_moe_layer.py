@@ -310,9 +310,10 @@ def test_blocked_cpu_path_equals_grouped_path_bitwise(case, block_bytes, recompu
 @pytest.mark.skipif(not kernels.load(), reason="fused CPU kernels not built here")
 @pytest.mark.parametrize("impl", ["blocked", "grouped"])
 def test_float32_cpu_experts_use_the_fused_swiglu_kernels_with_atens_values(impl, monkeypatch):
-    """On CPU in float32 the experts' SwiGLU and the router go through the fused kernels, forward
-    and backward, and the step matches the ATen-ops step (outputs bitwise: the forward kernels are
-    ATen's softmax, topk, silu and muls; gradients to float32 rounding)."""
+    """On CPU in float32 the experts' SwiGLU, the router and (blocked) the scatter-adds go through
+    the fused kernels, forward and backward, and the step matches the ATen-ops step (outputs
+    bitwise: the forward kernels are ATen's softmax, topk, silu, muls and index_add_; gradients to
+    float32 rounding)."""
     calls = {"fwd": 0, "bwd": 0, "route": 0, "route_bwd": 0, "order": 0}
 
     def count(name, fn):
@@ -324,12 +325,17 @@ def test_float32_cpu_experts_use_the_fused_swiglu_kernels_with_atens_values(impl
     for name, attr in (("fwd", "swiglu_forward"), ("bwd", "swiglu_backward"), ("route", "route_forward"),
                        ("route_bwd", "route_backward"), ("order", "dispatch_order")):
         monkeypatch.setattr(kernels, attr, count(name, getattr(kernels, attr)))
+    calls["scatter"] = 0
+    monkeypatch.setattr(kernels.RowScatter, "add", count("scatter", kernels.RowScatter.add))
     monkeypatch.setattr(experts_mod, "BLOCK_BYTES", 16000)  # several blocks
     m = make(dtype=torch.float32, d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)
     x = torch.randn(3, 13, 32)
     got = _step(m, x, impl)
     assert calls["fwd"] >= 1 and calls["bwd"] == (calls["fwd"] if impl == "blocked" else 1)
     assert calls["route"] == calls["route_bwd"] == calls["order"] == 1  # the router kernels too
+    # the blocked path adds each block's rows (forward output, backward input gradient) with the
+    # copy-first scatter kernel; the grouped path keeps ATen's index_add_
+    assert calls["scatter"] == (2 * calls["fwd"] if impl == "blocked" else 0)
     seen = dict(calls)
     monkeypatch.setitem(kernels._state, "enabled", False)
     want = _step(m, x, impl)

@@ -7,7 +7,8 @@ pass (in the routed experts with the gate applied, and its gradient taken, in th
 routed experts (both paths), the dense FFN and the shared expert use it. ``route_cpu.cpp`` does the
 router's softmax, top-k, gates and log-sum-exp in one pass over the logits and their gradient in one
 pass back (ATen: about a dozen ops each way), and sorts the assignments by expert with a counting
-sort. They are compiled once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler
+sort. ``scatter_cpu.cpp`` adds the experts' output rows into their sub-tokens' rows without
+zero-filling the result first (:class:`RowScatter`). They are compiled once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler
 and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
 and loaded as the ``torch.ops.mmmoe_cpu`` operators.
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 ENV = "MMMOE_CPU_KERNELS"
 _MODES = ("auto", "off", "require")
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_DIR, name) for name in ("swiglu_cpu.cpp", "route_cpu.cpp")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("swiglu_cpu.cpp", "route_cpu.cpp", "scatter_cpu.cpp")]
 _LOCK = threading.Lock()
 _state = {"loaded": None, "error": None, "enabled": None}
 
@@ -112,6 +113,7 @@ def load() -> bool:
                         _build()
                         torch.ops.mmmoe_cpu.swiglu_forward  # noqa: B018 - raises if not registered
                         torch.ops.mmmoe_cpu.route_forward  # noqa: B018
+                        torch.ops.mmmoe_cpu.scatter_rows  # noqa: B018
                         _state["loaded"] = True
                     except Exception as exc:  # compiler, ninja or headers missing
                         _state["loaded"] = False
@@ -212,3 +214,27 @@ def dispatch_order(idx: torch.Tensor, num_experts: int):
     counts = torch.empty(num_experts, dtype=torch.long)
     torch.ops.mmmoe_cpu.dispatch_order(idx, num_experts, order, token, counts)
     return order, token, counts
+
+
+class RowScatter:
+    """Sums rows into ``out`` (n x D float32 on CPU, unit column stride; its contents are ignored)
+    over several :meth:`add` calls without zero-filling it first: a row's first contribution is
+    copied, later ones added (in call order, and in index order within a call), and
+    :meth:`finish` zeroes the rows nothing was added to. The result equals
+    ``zeros.index_add_(0, index, src)`` over the same calls (except that a first contribution of
+    -0.0 stays -0.0). A per-row int32 stamp records which rows have a contribution."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+        self.stamp = torch.full((out.shape[0],), -1, dtype=torch.int32)
+        self.calls = 0
+
+    def add(self, index: torch.Tensor, src: torch.Tensor) -> None:
+        """``out[index[i]] += src[i]`` for every i (``index`` int64, ``src`` len(index) x D)."""
+        torch.ops.mmmoe_cpu.scatter_rows(self.out, index, src, self.stamp, self.calls)
+        self.calls += 1
+
+    def finish(self) -> torch.Tensor:
+        """Zeroes the rows without a contribution and returns ``out``."""
+        torch.ops.mmmoe_cpu.zero_untouched_rows(self.out, self.stamp)
+        return self.out

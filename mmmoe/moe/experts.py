@@ -393,6 +393,27 @@ def _first_matmul(s_SD: Tensor, tok: Tensor, w_in: Tensor, parts, lo: int, x_buf
     return x_b, h_b
 
 
+class _RowSum:
+    """A new tensor like ``ref`` (contiguous) summed from row blocks: ``add(index, rows)`` adds
+    ``rows[i]`` into row ``index[i]``, ``result()`` returns the sum (zero where nothing was added).
+    ``zeros.index_add_`` per block, or on CPU in float32 :class:`mmmoe.kernels.RowScatter`, which
+    copies each row's first contribution instead of zero-filling the tensor first (same values)."""
+
+    def __init__(self, ref: Tensor):
+        self.kernel = kernels.RowScatter(torch.empty_like(ref, memory_format=torch.contiguous_format)) \
+            if kernels.applies(ref) else None
+        self.out = torch.zeros_like(ref, memory_format=torch.contiguous_format) if self.kernel is None else None
+
+    def add(self, index: Tensor, rows: Tensor) -> None:
+        if self.kernel is not None:
+            self.kernel.add(index, rows)
+        else:
+            self.out.index_add_(0, index, rows)
+
+    def result(self) -> Tensor:
+        return self.kernel.finish() if self.kernel is not None else self.out
+
+
 class _BlockedExperts(torch.autograd.Function):
     """The same function as :class:`_FusedExperts`, computed block by block of experts: the CPU
     path.
@@ -423,7 +444,7 @@ class _BlockedExperts(torch.autograd.Function):
             D, H = s_SD.shape[1], w_in.shape[2]
             training = any(ctx.needs_input_grad)
             recompute = D <= RECOMPUTE_MAX_WIDTH
-            y_SD = s_SD.new_zeros(s_SD.shape)
+            y_SD = _RowSum(s_SD)
             blocks = _expert_blocks(counts, H * s_SD.element_size())
             m_max = max((hi - lo for lo, hi, _ in blocks), default=0)
             # the first matmul's output: one block's scratch buffer, or (stored for backward) full size
@@ -437,7 +458,8 @@ class _BlockedExperts(torch.autograd.Function):
                     o_b = o_buf[:m]
                     for e, a, b in parts:
                         torch.mm(q_b[a - lo:b - lo], w_out[e], out=o_b[a - lo:b - lo])
-                    y_SD.index_add_(0, tok, o_b)
+                    y_SD.add(tok, o_b)
+            y_SD = y_SD.result()
         stored = () if h is None else (h,)
         ctx.save_for_backward(s_SD, token_A, gate_A, w_in, w_out, *stored)
         ctx.blocks, ctx.activation, ctx.consumed = blocks, activation, False
@@ -456,7 +478,7 @@ class _BlockedExperts(torch.autograd.Function):
         dt = s_SD.dtype
         dy_SD = dy_SD.to(dt)
         D, Fh, H = s_SD.shape[1], w_out.shape[1], w_in.shape[2]
-        ds = torch.zeros_like(s_SD) if need_s else None
+        ds = _RowSum(s_SD) if need_s else None
         dgate = gate_A.new_empty(gate_A.shape) if need_gate else None
         # every expert with rows writes its whole weight gradient; only the others are zeroed
         idle = sorted(set(range(w_in.shape[0])) - {e for _, _, parts in blocks for e, _, _ in parts})
@@ -495,7 +517,9 @@ class _BlockedExperts(torch.autograd.Function):
                 if need_s:
                     for e, i, j in parts:
                         torch.mm(dh_b[i - lo:j - lo], w_in[e].t(), out=d_buf[i - lo:j - lo])
-                    ds.index_add_(0, tok, d_buf[:m])
+                    ds.add(tok, d_buf[:m])
+        if ds is not None:
+            ds = ds.result()
         return ds, None, dgate, dw_in, dw_out, None, None, None
 
 
