@@ -1,5 +1,6 @@
-"""The fused CPU SwiGLU kernels (mmmoe.kernels): values against ATen's ops and autograd, layouts,
-thread-count independence, errors, and the fallback when they cannot be built."""
+"""The fused CPU kernels (mmmoe.kernels: SwiGLU, router, dispatch order, row scatter): values
+against ATen's ops and autograd, layouts, thread-count independence, errors, and the fallback when
+they cannot be built."""
 
 import logging
 

@@ -8,9 +8,10 @@ routed experts (both paths), the dense FFN and the shared expert use it. ``route
 router's softmax, top-k, gates and log-sum-exp in one pass over the logits and their gradient in one
 pass back (ATen: about a dozen ops each way), and sorts the assignments by expert with a counting
 sort. ``scatter_cpu.cpp`` adds the experts' output rows into their sub-tokens' rows without
-zero-filling the result first (:class:`RowScatter`). They are compiled once per machine with ``torch.utils.cpp_extension`` (needs a C++ compiler
-and ninja; the build is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-and loaded as the ``torch.ops.mmmoe_cpu`` operators.
+zero-filling the result first (:class:`RowScatter`). They are compiled once per machine with
+``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the build is cached under
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and loaded as the
+``torch.ops.mmmoe_cpu`` operators.
 
 The SwiGLU kernels compute every value with the same operations in the same order as ATen's silu,
 silu_backward and mul kernels for the CPU capability ATen dispatches to, and the router kernel its
