@@ -28,9 +28,9 @@ experts path mostly avoids it. An allocator that keeps freed memory (e.g. MALLOC
 MALLOC_TRIM_THRESHOLD_=<large>, or jemalloc/tcmalloc) speeds up both and changes the ratios; run
 both ways when comparing across machines; the header line names the allocator it ran under.
 "time/MAC x" divides the time ratio by the MAC ratio: the cost per multiply-add against dense.
-Fused CPU kernels: on CPU in float32 the SwiGLU of every variant (the dense FFNs too) runs through
-mmmoe.kernels when they are built; MMMOE_CPU_KERNELS=off times the ATen ops instead. The header
-line says which ran.
+Fused CPU kernels: on CPU in float32 the SwiGLU of every variant (the dense FFNs too), the MoE
+router and the CPU experts path's scatter-adds run through mmmoe.kernels when they are built;
+MMMOE_CPU_KERNELS=off times the ATen ops instead. The header line says which ran.
 
 Example (the issue's setting):
     python scripts/benchmark_moe.py --tokens 8192 --d-model 512 --hidden 1536 --experts 8 16 32
@@ -271,7 +271,7 @@ def print_table(rows: List[dict], args: argparse.Namespace, env: dict) -> None:
     if args.device == "cpu" and args.dtype == "float32":
         fused = "on" if kernels.enabled() else f"off ({(kernels.error() or 'switched off').splitlines()[0][:80]})"
     print(f"device={args.device} dtype={args.dtype} tokens={args.tokens} d={args.d_model} "
-          f"dense hidden={args.hidden} repeats={args.repeats} fused CPU SwiGLU kernels={fused} "
+          f"dense hidden={args.hidden} repeats={args.repeats} fused CPU kernels={fused} "
           f"threads={env['threads']} allocator={env['allocator']} (medians of per-round ratios to dense)")
     hdr = f"{'E':>3}  {'variant':<34} {'MACs/tok':>10} {'ms':>8} {'time x':>7} {'x matched':>9} {'time/MAC x':>10} {'saved MiB':>10} {'saved x':>8} {'peak MiB':>9} {'peak x':>7}"
     print(hdr)

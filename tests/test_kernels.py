@@ -426,13 +426,17 @@ def test_row_scatter_equals_index_add_into_zeros(n, D, calls, dup_free):
 
 @built
 def test_row_scatter_does_not_depend_on_the_thread_count():
+    """Large enough that both the row split and the column split give work to both threads."""
     gen = torch.Generator().manual_seed(5)
     results = []
     threads = torch.get_num_threads()
     try:
         for dup_free in (True, False):
             plan = _scatter_calls(gen, 4000, 96, 3, dup_free)
-            per_threads = []
+            want = torch.zeros(4000, 96)
+            for index, src in plan:
+                want.index_add_(0, index, src)
+            per_threads = [want]
             for t in (1, 2):
                 torch.set_num_threads(t)
                 acc = kernels.RowScatter(torch.empty(4000, 96))
@@ -442,8 +446,8 @@ def test_row_scatter_does_not_depend_on_the_thread_count():
             results.append(per_threads)
     finally:
         torch.set_num_threads(threads)
-    for one, two in results:
-        assert torch.equal(one, two)
+    for want, one, two in results:  # rows split (unique rows), columns split (repeated rows)
+        assert torch.equal(one, want) and torch.equal(two, want)
 
 
 @built

@@ -314,7 +314,7 @@ def test_float32_cpu_experts_use_the_fused_swiglu_kernels_with_atens_values(impl
     the fused kernels, forward and backward, and the step matches the ATen-ops step (outputs
     bitwise: the forward kernels are ATen's softmax, topk, silu, muls and index_add_; gradients to
     float32 rounding)."""
-    calls = {"fwd": 0, "bwd": 0, "route": 0, "route_bwd": 0, "order": 0}
+    calls = {"fwd": 0, "bwd": 0, "route": 0, "route_bwd": 0, "order": 0, "scatter": 0}
 
     def count(name, fn):
         def wrapped(*a):
@@ -325,7 +325,6 @@ def test_float32_cpu_experts_use_the_fused_swiglu_kernels_with_atens_values(impl
     for name, attr in (("fwd", "swiglu_forward"), ("bwd", "swiglu_backward"), ("route", "route_forward"),
                        ("route_bwd", "route_backward"), ("order", "dispatch_order")):
         monkeypatch.setattr(kernels, attr, count(name, getattr(kernels, attr)))
-    calls["scatter"] = 0
     monkeypatch.setattr(kernels.RowScatter, "add", count("scatter", kernels.RowScatter.add))
     monkeypatch.setattr(experts_mod, "BLOCK_BYTES", 16000)  # several blocks
     m = make(dtype=torch.float32, d_model=32, num_experts=6, expert_hidden=16, num_heads=2, top_k=2)

@@ -40,7 +40,7 @@ def test_benchmark_moe_tiny_run_matches_flops(tmp_path):
             assert r["matched_ratio"] is not None and r["matched_ratio"] > 0
         elif r["variant"].startswith("dense"):
             assert r["matched_ratio"] is None
-    assert "x matched" in res.stdout and "fused CPU SwiGLU kernels=" in res.stdout
+    assert "x matched" in res.stdout and "fused CPU kernels=" in res.stdout
     assert report["threads"] == 1 and report["allocator"].startswith(("glibc", "jemalloc", "tcmalloc", "mimalloc"))
     assert f"allocator={report['allocator']}" in res.stdout
 

@@ -26,25 +26,27 @@ inline void add_row(float* dst, const float* src, int64_t c0, int64_t c1) {
   for (; j < c1; ++j) dst[j] += src[j];
 }
 
-void check_stamp(const at::Tensor& stamp, int64_t n) {
+// Checks out (n x D float32) and its stamp (n int32, contiguous); returns D.
+int64_t check_out(const at::Tensor& out, const at::Tensor& stamp) {
+  TORCH_CHECK(out.dim() == 2, kOp, ": out must be a matrix, got ", out.sizes());
+  const int64_t n = out.size(0), D = out.size(1);
+  check_rows(out, kOp, "out", n, D);
   TORCH_CHECK(stamp.device().is_cpu() && stamp.scalar_type() == at::kInt && stamp.dim() == 1 &&
                   stamp.size(0) == n && stamp.is_contiguous(),
               kOp, ": stamp must be a contiguous int32 CPU vector of ", n, " rows, got ", stamp.scalar_type(), " ",
               stamp.sizes());
+  return D;
 }
 
 // out[index[i]] := src[i] when the row has no contribution yet (stamp -1), else += src[i]; the
 // rows' stamps become `call` (>= 0, a new value for each call on the same out and stamp).
 void scatter_rows(const at::Tensor& out, const at::Tensor& index, const at::Tensor& src, const at::Tensor& stamp,
                   int64_t call) {
-  TORCH_CHECK(out.dim() == 2, kOp, ": out must be a matrix, got ", out.sizes());
-  const int64_t n = out.size(0), D = out.size(1);
-  check_rows(out, kOp, "out", n, D);
+  const int64_t D = check_out(out, stamp), n = out.size(0);
   TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kLong && index.dim() == 1, kOp,
               ": index must be an int64 CPU vector, got ", index.scalar_type(), " ", index.sizes());
   const int64_t m = index.size(0);
   check_rows(src, kOp, "src", m, D);
-  check_stamp(stamp, n);
   TORCH_CHECK(call >= 0 && call <= INT32_MAX, kOp, ": call must be in [0, 2^31), got ", call);
   if (m == 0) return;
   const int64_t* ip = index.const_data_ptr<int64_t>();
@@ -89,10 +91,7 @@ void scatter_rows(const at::Tensor& out, const at::Tensor& index, const at::Tens
 
 // Zeroes the rows of out no scatter_rows call wrote (stamp -1).
 void zero_untouched_rows(const at::Tensor& out, const at::Tensor& stamp) {
-  TORCH_CHECK(out.dim() == 2, kOp, ": out must be a matrix, got ", out.sizes());
-  const int64_t n = out.size(0), D = out.size(1);
-  check_rows(out, kOp, "out", n, D);
-  check_stamp(stamp, n);
+  const int64_t D = check_out(out, stamp), n = out.size(0);
   const int32_t* sp = stamp.const_data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   const int64_t os = out.stride(0);
